@@ -1,0 +1,203 @@
+"""The ``quantcal`` command line: parses options and calls the stages; holds no logic.
+
+Defaults may come from ``quantcal.toml`` (see :mod:`quantcal.tomlconfig`); flags win.
+A :class:`QuantcalError` ends the command with one line on stderr and exit status 2;
+Ctrl-C ends it with status 130 (files are written atomically, so nothing is half-written).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from quantcal import __version__
+from quantcal.errors import QuantcalError
+from quantcal.rundir import DEFAULT_RUN_DIR
+from quantcal.tomlconfig import CONFIG_NAME, load_defaults
+
+RUN_HELP = f"Run directory this stage reads and writes (default ./{DEFAULT_RUN_DIR})."
+
+
+class QuantcalGroup(click.Group):
+    """Loads quantcal.toml defaults and turns user errors into one-line messages."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QuantcalError as exc:
+            click.echo(f"quantcal: error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("quantcal: interrupted; no partial files were left behind", err=True)
+            ctx.exit(130)
+
+
+def _not_yet(command: str) -> None:
+    raise QuantcalError(f"`quantcal {command}` is not yet available in quantcal {__version__}")
+
+
+def run_option(f):
+    return click.option("--run", "run", type=click.Path(file_okay=False, path_type=Path),
+                        default=DEFAULT_RUN_DIR, show_default=True, help=RUN_HELP)(f)
+
+
+def budget_options(f):
+    """--target-bits / --max-size / --max-kl and the --keep / --force rules."""
+    opts = [
+        click.option("--target-bits", type=float, help="Average bits per quantizable weight, "
+                     "scales and zero points counted (e.g. 4.5)."),
+        click.option("--max-size", help="Largest exported model size, e.g. 90MB or 1.2GB."),
+        click.option("--max-kl", type=float, help="Largest predicted whole-model KL (nats/token)."),
+        click.option("--keep", multiple=True, metavar="PATTERN",
+                     help="Keep layers matching this glob in fp16 (repeatable), e.g. 'lm_head'."),
+        click.option("--force", multiple=True, metavar="PATTERN=FORMAT",
+                     help="Force layers matching a glob to a format (repeatable), "
+                     "e.g. '*.down_proj=int8'."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@click.group(cls=QuantcalGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                   "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="quantcal")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """quantcal: calibrate, plan, export and evaluate mixed-precision ONNX language models.
+
+    \b
+      quantcal calibrate --model HuggingFaceTB/SmolLM2-135M --data c4 --samples 1000
+      quantcal export
+      quantcal eval --tasks hellaswag,gsm8k --limit 500
+
+    Stages meet in a run directory (./quantcal-out unless --run DIR). Options may also be
+    set in ./quantcal.toml: top-level keys (e.g. model, run) apply to every command that has
+    them, a [calibrate] / [export] / ... table to one command; command-line flags win.
+    """
+    params = {name: {p.name for p in cmd.params if p.name} for name, cmd in cli.commands.items()}
+    ctx.default_map = load_defaults(Path.cwd() / CONFIG_NAME, params)
+
+
+@cli.command()
+@click.option("--model", required=True, help="Hugging Face model id or local model folder.")
+@click.option("--revision", help="Model revision (branch, tag or commit) for hub ids.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              default="auto", show_default=True,
+              help="Dtype to run the model in; auto: float16 on CUDA, float32 on CPU.")
+@click.option("--data", default="c4", show_default=True,
+              help="Calibration text: c4, wikitext2, or a .txt/.json/.jsonl/.jsonl.gz/.parquet "
+              "file. Named sets load through `datasets`, or from $QUANTCAL_DATA_DIR.")
+@click.option("--text-field", default="text", show_default=True,
+              help="Field holding the text in json/jsonl/parquet files.")
+@click.option("--samples", type=int, default=128, show_default=True,
+              help="Number of calibration windows.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Windows per forward pass.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for choosing windows.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N.")
+@click.option("--observer", type=click.Choice(["minmax", "percentile", "mse", "entropy"]),
+              default="mse", show_default=True,
+              help="How activation clip ranges (w8a8 scales) are chosen from the statistics.")
+@click.option("--formats", default="int8,int4-g128,int4-g32", show_default=True,
+              help="Candidate formats to compute qparams and sensitivity for "
+              "(fp16, int8, int4-g32|g64|g128, w8a8).")
+@click.option("--hessian/--no-hessian", default=False, show_default=True,
+              help="Also accumulate X^T X per layer for Hessian-aware (GPTQ) rounding.")
+@click.option("--sequential", is_flag=True,
+              help="Calibrate one decoder block at a time from cached block inputs "
+              "(peak GPU memory: one block plus activations).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a different run already in the run directory.")
+@run_option
+def calibrate(**opts) -> None:
+    """Collect activation statistics and compute per-layer qparams.
+
+    Runs the model over calibration windows with forward hooks on every quantizable
+    module and writes run.json, stats.safetensors and qparams.safetensors into the run
+    directory.
+    """
+    _not_yet("calibrate")
+
+
+@cli.command()
+@budget_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the plan (default: RUN/plan.json).")
+@run_option
+def plan(**opts) -> None:
+    """Choose a format per layer under a budget, from an existing run directory.
+
+    Reads sensitivity.json and run.json (nothing is recomputed) and writes plan.json.
+    """
+    _not_yet("plan")
+
+
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Plan to export (default: RUN/plan.json); hand-edited plans are checked.")
+@click.option("--provider", type=click.Choice(["cuda", "cpu"]), default="cuda",
+              show_default=True,
+              help="Target execution provider: cuda exports fp16 activations, cpu fp32.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output model path (default: RUN/model.onnx).")
+@run_option
+def export(**opts) -> None:
+    """Write the mixed-precision ONNX model (with KV cache) and verify it.
+
+    Reads run.json, qparams.safetensors and plan.json; writes model.onnx (+ .onnx.data)
+    and export.json with the parity figures.
+    """
+    _not_yet("export")
+
+
+@cli.command(name="eval")
+@click.argument("model", required=False)
+@click.option("--tasks", default="hellaswag,gsm8k,wikitext2", show_default=True,
+              help="Comma-separated: hellaswag, gsm8k, wikitext2, c4.")
+@click.option("--limit", type=int, help="Score the first N documents of each task.")
+@click.option("--sample", type=int, help="Score a random subset of N documents (see --seed).")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed for --sample.")
+@click.option("--provider", type=click.Choice(["cuda", "cpu"]),
+              help="onnxruntime provider (default: cuda when it works, else cpu).")
+@click.option("--baseline", is_flag=True, help="Also evaluate the source FP model the same way.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Local folder laid out like shared/data (or set $QUANTCAL_DATA_DIR).")
+@run_option
+def eval_(**opts) -> None:
+    """Score a model on HellaSwag, GSM8K and perplexity; write eval.json.
+
+    MODEL is a Hugging Face id or folder (torch backend) or an .onnx file or run
+    directory (onnxruntime backend); without it, the run directory's model.onnx.
+    """
+    _not_yet("eval")
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@run_option
+def bench(**opts) -> None:
+    """Measure speed: TARGET is an exported .onnx model (prefill and decode tokens/s, peak
+    memory, size, against the FP16 export) or `calibrate` (hook overhead, tokens/s)."""
+    _not_yet("bench")
+
+
+@cli.command()
+@run_option
+def report(**opts) -> None:
+    """Turn a run directory into report.md with plots (plan, sensitivity, accuracy vs size)."""
+    _not_yet("report")
+
+
+def main() -> None:
+    cli(prog_name="quantcal")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

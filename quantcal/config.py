@@ -1,0 +1,214 @@
+"""Strict, versioned configs and the records of the run directory.
+
+Every record is a frozen dataclass deriving from :class:`Strict`: ``from_dict`` rejects
+unknown keys and wrong types with a message naming the key, ``to_dict`` gives plain JSON,
+and every top-level record carries ``schema_version`` (checked on read). Records hold data
+only; reading and writing files is ``quantcal.rundir``'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from quantcal.errors import QuantcalError
+from quantcal.formats import DEFAULT_CANDIDATES, Format, parse_format
+
+SCHEMA_VERSION = 1
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Convert JSON ``value`` to the annotated type ``tp``, or raise naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, where)
+            except QuantcalError as exc:
+                errors.append(str(exc))
+        raise QuantcalError(errors[0] if errors else f"{where}: unexpected null")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise QuantcalError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)[:1]
+        out = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise QuantcalError(f"{where}: expected a table/object, got {type(value).__name__}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, Strict):
+        return tp.from_dict(value, where=where)
+    if isinstance(tp, type) and issubclass(tp, Format):
+        try:
+            return parse_format(value)
+        except QuantcalError as exc:
+            raise QuantcalError(f"{where}: {exc}") from None
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise QuantcalError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Strict):
+        return value.to_dict()
+    if isinstance(value, Format):
+        return value.name
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Strict:
+    """Base of all configs and records: strict ``from_dict``, plain ``to_dict``."""
+
+    versioned: ClassVar[bool] = False
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None):
+        where = where or cls.__name__
+        if not isinstance(data, dict):
+            raise QuantcalError(f"{where}: expected an object, got {type(data).__name__}")
+        data = dict(data)
+        if cls.versioned:
+            version = data.pop("schema_version", None)
+            if version != SCHEMA_VERSION:
+                raise QuantcalError(
+                    f"{where}: schema version {version!r}, but this quantcal reads version "
+                    f"{SCHEMA_VERSION}; re-run the stage that wrote it with this quantcal"
+                )
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise QuantcalError(
+                f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}"
+            )
+        missing = [
+            n for n, f in fields.items()
+            if n not in data and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise QuantcalError(f"{where}: missing key {missing[0]!r}")
+        kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION} if self.versioned else {}
+        for f in dataclasses.fields(self):
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(Strict):
+    """What ``quantcal calibrate`` was asked to do; stored in ``run.json``."""
+
+    model: str
+    revision: str | None = None
+    dtype: str = "auto"
+    data: str = "c4"
+    text_field: str = "text"
+    samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    observer: str = "mse"
+    hessian: bool = False
+    sequential: bool = False
+    formats: tuple[Format, ...] = DEFAULT_CANDIDATES
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise QuantcalError(f"--{name.replace('_', '-')} must be at least 1, "
+                                    f"got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise QuantcalError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if not _DEVICE.match(self.device):
+            raise QuantcalError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if not self.formats:
+            raise QuantcalError("no candidate formats; name at least one, e.g. int4-g128")
+
+
+@dataclass(frozen=True)
+class LayerInfo(Strict):
+    """One quantizable module as found in the model (``kind``: linear, conv1d, embedding)."""
+
+    kind: str
+    in_features: int
+    out_features: int
+    block: int | None = None  # decoder block index; None for embeddings and lm_head
+
+
+@dataclass(frozen=True)
+class RunRecord(Strict):
+    """``run.json``: the calibration's config, the model's layers, versions and timings."""
+
+    versioned: ClassVar[bool] = True
+
+    config: CalibrateConfig
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    created: str = ""
+
+
+BUDGET_KINDS = ("target_bits", "max_size", "max_kl", "none")
+
+
+@dataclass(frozen=True)
+class Budget(Strict):
+    """The constraint a plan was solved under (``value`` in bits, bytes or nats)."""
+
+    kind: str = "none"
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise QuantcalError(f"unknown budget kind {self.kind!r}; use {', '.join(BUDGET_KINDS)}")
+
+
+@dataclass(frozen=True)
+class LayerPlan(Strict):
+    """One layer's entry in ``plan.json``; ``reason``: budget, rule or user."""
+
+    format: Format
+    bits: float = 0.0
+    bytes: int = 0
+    score: float | None = None
+    reason: str = "user"
+
+
+@dataclass(frozen=True)
+class Plan(Strict):
+    """``plan.json``: a format per layer, the budget, totals; hand-editable."""
+
+    versioned: ClassVar[bool] = True
+
+    model: str
+    layers: dict[str, LayerPlan]
+    budget: Budget = field(default_factory=Budget)
+    totals: dict[str, float] = field(default_factory=dict)
+    predicted_size_bytes: int = 0

@@ -1,0 +1,182 @@
+"""The format vocabulary every stage speaks: ``fp16``, ``int8``, ``int4-gN``, ``w8a8``.
+
+A format is a frozen dataclass; stages dispatch on its *type* (``type(fmt)``), never on its
+name. ``parse_format`` turns the strings users write (CLI flags, ``plan.json``) into formats
+and rejects anything else with a message listing what exists. ``Format.name`` is the
+canonical spelling and round-trips through ``parse_format``.
+
+Sizes are counted the way the exported ONNX model stores them: an ``(N, K)`` weight of a
+MatMulNBits format holds ``ceil(K / group)`` blocks per output row, each block of
+``group * bits / 8`` bytes plus one fp16 scale and, when asymmetric, one packed zero point.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from quantcal.errors import QuantcalError
+
+INT4_GROUP_SIZES = (32, 64, 128)
+INT8_GROUP_SIZES = (32, 64, 128, 256)
+SCALE_BITS = 16  # scales are stored in fp16 (the activation dtype on GPU)
+
+
+@dataclass(frozen=True)
+class Format:
+    """Base of all formats. Subclasses are the vocabulary; do not add state here."""
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def weight_bits(self) -> int:
+        raise NotImplementedError
+
+    def weight_bytes(self, n: int, k: int) -> int:
+        """Bytes an (N out, K in) weight takes in the exported model, scales included."""
+        raise NotImplementedError
+
+    def bits_per_weight(self, n: int, k: int) -> float:
+        """Average stored bits per weight element of an (N, K) weight, overhead counted."""
+        return 8.0 * self.weight_bytes(n, k) / (n * k)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class FP16(Format):
+    """Unquantized: fp16 weights, emitted as a plain MatMul."""
+
+    @property
+    def name(self) -> str:
+        return "fp16"
+
+    @property
+    def weight_bits(self) -> int:
+        return 16
+
+    def weight_bytes(self, n: int, k: int) -> int:
+        return 2 * n * k
+
+
+@dataclass(frozen=True)
+class BlockQuant(Format):
+    """Weight-only quantization per group of ``group_size`` input channels (MatMulNBits).
+
+    Weights are stored as unsigned codes ``q`` with ``w ~ (q - zero_point) * scale``; a
+    symmetric format stores no zero points (MatMulNBits then uses ``2**(bits-1)``).
+    """
+
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        allowed = INT4_GROUP_SIZES if self.weight_bits == 4 else INT8_GROUP_SIZES
+        if self.group_size not in allowed:
+            raise QuantcalError(
+                f"{self.weight_bits}-bit group size {self.group_size} is not supported; "
+                f"use one of {', '.join(map(str, allowed))}"
+            )
+
+    @property
+    def bits(self) -> int:
+        return self.weight_bits
+
+    def n_blocks(self, k: int) -> int:
+        return math.ceil(k / self.group_size)
+
+    def weight_bytes(self, n: int, k: int) -> int:
+        blocks = self.n_blocks(k)
+        codes = blocks * self.group_size * self.bits // 8
+        scales = blocks * SCALE_BITS // 8
+        zeros = 0 if self.symmetric else math.ceil(blocks * self.bits / 8)
+        return n * (codes + scales + zeros)
+
+
+@dataclass(frozen=True)
+class Int4(BlockQuant):
+    """``int4-gN``: 4-bit weights per group of N (32, 64, 128), fp16 activations."""
+
+    group_size: int = 128
+
+    @property
+    def weight_bits(self) -> int:
+        return 4
+
+    @property
+    def name(self) -> str:
+        return f"int4-g{self.group_size}" + ("-sym" if self.symmetric else "")
+
+
+@dataclass(frozen=True)
+class Int8(BlockQuant):
+    """``int8``: 8-bit weights per group (default 128), fp16 activations, MatMulNBits bits=8."""
+
+    group_size: int = 128
+
+    @property
+    def weight_bits(self) -> int:
+        return 8
+
+    @property
+    def name(self) -> str:
+        base = "int8" if self.group_size == 128 else f"int8-g{self.group_size}"
+        return base + ("-sym" if self.symmetric else "")
+
+
+@dataclass(frozen=True)
+class W8A8(Format):
+    """``w8a8``: int8 weights per output channel (symmetric), int8 activations per tensor
+    with a static scale from calibration; emitted as QuantizeLinear/DequantizeLinear."""
+
+    @property
+    def name(self) -> str:
+        return "w8a8"
+
+    @property
+    def weight_bits(self) -> int:
+        return 8
+
+    def weight_bytes(self, n: int, k: int) -> int:
+        return n * k + n * 4  # int8 codes + one fp32 scale per output channel
+
+
+_PATTERN = re.compile(r"^(fp16|w8a8|int8|int4)(?:-g(\d+))?(-sym)?$")
+
+
+def parse_format(text: str | Format) -> Format:
+    """Parse ``fp16 | int8[-gN] | int4-gN | w8a8`` (``-sym`` suffix for symmetric)."""
+    if isinstance(text, Format):
+        return text
+    m = _PATTERN.match(str(text).strip().lower())
+    if m is None:
+        raise QuantcalError(
+            f"unknown format {text!r}; known formats: fp16, int8, "
+            + ", ".join(f"int4-g{g}" for g in INT4_GROUP_SIZES)
+            + ", w8a8 (int8/int4 take -gN for the group size and -sym for symmetric)"
+        )
+    kind, group, sym = m.group(1), m.group(2), m.group(3) is not None
+    if kind in ("fp16", "w8a8"):
+        if group or sym:
+            raise QuantcalError(f"format {text!r}: {kind} takes no group size or -sym suffix")
+        return FP16() if kind == "fp16" else W8A8()
+    if kind == "int4":
+        if group is None:
+            raise QuantcalError(f"format {text!r}: int4 needs a group size, e.g. int4-g128")
+        return Int4(group_size=int(group), symmetric=sym)
+    return Int8(group_size=int(group) if group else 128, symmetric=sym)
+
+
+def parse_formats(text: str) -> tuple[Format, ...]:
+    """Parse a comma-separated list of formats, e.g. ``"int8,int4-g128"``."""
+    items = [t for t in (s.strip() for s in text.split(",")) if t]
+    if not items:
+        raise QuantcalError("empty format list; name at least one format, e.g. int4-g128")
+    return tuple(parse_format(t) for t in items)
+
+
+DEFAULT_CANDIDATES: tuple[Format, ...] = (Int8(), Int4(128), Int4(32))
