@@ -7,9 +7,10 @@ sample) in a temporary folder, so it runs anywhere in seconds. With --model, poi
 any local Hugging Face causal-LM folder (e.g. the SmolLM2-135M build of shared/ASSETS.md).
 
 What it does today (it grows with each stage):
-  1. quantizes every linear layer's weight to int4-g128 and int8 (round to nearest),
-     packs them in onnxruntime's MatMulNBits layout, runs one layer through onnxruntime
-     and checks the result against the torch reference.
+  1. quantcal calibrate: statistics and qparams from the local C4 sample into --run;
+  2. reads the run directory back and, for one layer, packs its calibrated int4-g128 and
+     int8 qparams in onnxruntime's MatMulNBits layout, runs that layer through onnxruntime
+     and checks it against the torch reference.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -25,9 +27,11 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from quantcal.calibrate.qparams import QPARAMS_KIND, read_layer_qparams
 from quantcal.formats import Int4, Int8
 from quantcal.packing import dequantize_matmulnbits, pack_matmulnbits
-from quantcal.qmath import quantize_weight, weight_qparams
+from quantcal.qmath import quantize_weight
+from quantcal.rundir import QPARAMS, RunDir
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "c4" / "c4_validation_2k.jsonl.gz"
@@ -55,10 +59,11 @@ def build_tiny_model(out: Path, data: Path) -> Path:
     return out
 
 
-def matmulnbits_check(name: str, weight: torch.Tensor, fmt) -> float:
-    """Quantize ``weight`` to ``fmt``, run it as one MatMulNBits node, return max |error|."""
-    scale, zero = weight_qparams(weight, fmt.bits, fmt.group_size, fmt.symmetric)
-    q = quantize_weight(weight, scale, zero, fmt.bits, fmt.group_size)
+def matmulnbits_check(name: str, weight: torch.Tensor, fmt, qp: dict) -> float:
+    """Quantize ``weight`` with its calibrated qparams ``qp``, run it as one MatMulNBits
+    node in onnxruntime, and return the max |error| against the torch reference."""
+    scale, zero = qp["scale"], qp["zero"]
+    q = qp.get("codes", quantize_weight(weight, scale, zero, fmt.bits, fmt.group_size))
     packed = pack_matmulnbits(q, scale, zero, fmt.bits, fmt.group_size)
     node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"],
                             domain="com.microsoft", K=packed.K, N=packed.N, bits=packed.bits,
@@ -82,18 +87,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="local HF model folder (default: tiny)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="calibration text")
+    parser.add_argument("--run", type=Path, help="run directory (default: a temporary one)")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or build_tiny_model(Path(tmp) / "tiny-llama", args.data)
+        run = args.run or Path(tmp) / "run"
+        cmd = ["quantcal", "calibrate", "--model", str(model_dir), "--data", str(args.data),
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+               "--run", str(run), "--device", "cpu", "--overwrite"]
+        print("$", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        qparams, _ = RunDir(run).load_tensors(QPARAMS, QPARAMS_KIND)
+
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         print(f"model {model_dir}: {len(linears)} linear layers")
         name, layer = linears[0]
         for fmt in (Int4(128), Int8()):
-            err = matmulnbits_check(name, layer.weight.detach(), fmt)
+            qp = read_layer_qparams(qparams, name, fmt)
+            err = matmulnbits_check(name, layer.weight.detach(), fmt, qp)
             print(f"  {name} as {fmt.name}: onnxruntime MatMulNBits vs torch reference, "
                   f"max |diff| = {err:.2e}")
             assert err < 1e-4

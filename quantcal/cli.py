@@ -107,6 +107,10 @@ def cli(ctx: click.Context) -> None:
 @click.option("--formats", default="int8,int4-g128,int4-g32", show_default=True,
               help="Candidate formats to compute qparams and sensitivity for "
               "(fp16, int8, int4-g32|g64|g128, w8a8).")
+@click.option("--weight-method", type=click.Choice(["aware", "rtn"]), default="aware",
+              show_default=True,
+              help="aware: activation-aware clip search per group; rtn: plain round to "
+              "nearest (the reference).")
 @click.option("--hessian/--no-hessian", default=False, show_default=True,
               help="Also accumulate X^T X per layer for Hessian-aware (GPTQ) rounding.")
 @click.option("--sequential", is_flag=True,
@@ -122,7 +126,16 @@ def calibrate(**opts) -> None:
     module and writes run.json, stats.safetensors and qparams.safetensors into the run
     directory.
     """
-    _not_yet("calibrate")
+    from quantcal.calibrate.api import calibrate as run_calibration, config_from_options
+    from quantcal.rundir import RunDir
+
+    run, overwrite = RunDir(opts.pop("run")), opts.pop("overwrite")
+    record = run_calibration(config_from_options(opts), run, overwrite=overwrite)
+    t = record.timings
+    n = sum(i.kind != "embedding" for i in record.layers.values())
+    click.echo(f"calibrated {n} layers on {record.config.samples} x "
+               f"{record.config.seq_len} tokens in {t['total_s']:.1f} s "
+               f"({t['tokens_per_s']:.0f} tok/s with hooks); wrote {run.path}/")
 
 
 @cli.command()
@@ -180,12 +193,33 @@ def eval_(**opts) -> None:
 
 @cli.command()
 @click.argument("target", required=False)
-@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--model", help="bench calibrate: hub id or local folder of the model.")
+@click.option("--shape", type=click.Choice(["smollm2-135m", "llama-3.2-1b"]),
+              help="bench calibrate: a random-weight model of this real shape instead.")
+@click.option("--samples", type=int, default=32, show_default=True,
+              help="bench calibrate: number of windows.")
+@click.option("--seq-len", type=int, default=512, show_default=True,
+              help="bench calibrate: tokens per window.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Windows per forward pass (calibrate) or sequences (model).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @run_option
-def bench(**opts) -> None:
-    """Measure speed: TARGET is an exported .onnx model (prefill and decode tokens/s, peak
-    memory, size, against the FP16 export) or `calibrate` (hook overhead, tokens/s)."""
-    _not_yet("bench")
+def bench(target, as_json, **opts) -> None:
+    """Measure speed. TARGET is `calibrate` (statistic-hook overhead against a plain
+    forward pass, calibration tokens/s) or an exported .onnx model (prefill and decode
+    tokens/s, peak memory, size, against the FP16 export)."""
+    if target != "calibrate":
+        _not_yet(f"bench {target or 'MODEL'}")
+    import json
+
+    from quantcal.calibrate.bench import format_bench, run_bench_calibrate
+
+    opts.pop("run")
+    result = run_bench_calibrate(**opts)
+    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 
 @cli.command()

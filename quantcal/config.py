@@ -135,6 +135,7 @@ class CalibrateConfig(Strict):
     seed: int = 0
     device: str = "auto"
     observer: str = "mse"
+    weight_method: str = "aware"
     hessian: bool = False
     sequential: bool = False
     formats: tuple[Format, ...] = DEFAULT_CANDIDATES
@@ -148,6 +149,8 @@ class CalibrateConfig(Strict):
             raise QuantcalError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if not _DEVICE.match(self.device):
             raise QuantcalError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.weight_method not in ("aware", "rtn"):
+            raise QuantcalError(f"unknown weight method {self.weight_method!r}; use aware or rtn")
         if not self.formats:
             raise QuantcalError("no candidate formats; name at least one, e.g. int4-g128")
 

@@ -4,6 +4,7 @@ unknown keys and other schema versions, atomic writes, clear errors for corrupt 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -90,6 +91,10 @@ def test_run_dir_round_trip(tmp_path):
     assert meta["observer"] == "mse" and meta["schema_version"] == str(SCHEMA_VERSION)
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
     assert sorted(p.name for p in run.path.iterdir()) == sorted([RUN_JSON, PLAN, QPARAMS])
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in run.path.iterdir():  # ordinary permissions, not mkstemp's 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_missing_and_corrupt_files_give_clear_errors(tmp_path):

@@ -1,0 +1,105 @@
+"""Per-layer qparams for every candidate format, from weights and calibration statistics.
+
+One handler per format type (looked up by ``type(fmt)``): weight-only block formats get
+per-group scales/zero points (activation-aware clipping by default, GPTQ codes when X^T X was
+collected, RTN on request); ``w8a8`` gets per-channel symmetric int8 weight scales and a
+per-tensor static activation scale from the chosen observer; ``fp16`` needs nothing.
+
+Tensors are keyed ``{layer}/{format}/{scale|zero|codes}`` and ``{layer}/act/{scale|zero}`` in
+``qparams.safetensors``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from quantcal.calibrate import weights
+from quantcal.calibrate.observers import get_observer
+from quantcal.calibrate.stats import LayerStats
+from quantcal.errors import QuantcalError
+from quantcal.formats import FP16, W8A8, BlockQuant, Format, Int4, Int8
+
+QPARAMS_KIND = "qparams"
+WEIGHT_METHODS = ("aware", "rtn")
+ACT_BITS = 8
+
+
+def _block(fmt: BlockQuant, w: torch.Tensor, stats: LayerStats, method: str
+           ) -> dict[str, torch.Tensor]:
+    if method == "rtn":
+        scale, zero = weights.rtn(w, fmt.bits, fmt.group_size, fmt.symmetric)
+    else:
+        scale, zero = weights.aware_clip(w, stats.mean_sq, fmt.bits, fmt.group_size,
+                                         fmt.symmetric)
+    out = {"scale": scale, "zero": zero}
+    if stats.xtx is not None and method != "rtn":
+        out["codes"] = weights.gptq(w, stats.xtx, scale, zero, fmt.bits, fmt.group_size)
+    return out
+
+
+def _w8a8(fmt: W8A8, w: torch.Tensor, stats: LayerStats, method: str
+          ) -> dict[str, torch.Tensor]:
+    if method == "rtn":
+        scale, zero = weights.rtn(w, 8, None, symmetric=True)
+    else:
+        scale, zero = weights.aware_clip(w, stats.mean_sq, 8, None, symmetric=True)
+    return {"scale": scale, "zero": zero}  # (N, 1) each
+
+
+def _fp16(fmt: FP16, w: torch.Tensor, stats: LayerStats, method: str) -> dict[str, torch.Tensor]:
+    return {}
+
+
+_HANDLERS: dict[type, Callable[..., dict[str, torch.Tensor]]] = {
+    Int4: _block, Int8: _block, W8A8: _w8a8, FP16: _fp16,
+}
+
+
+def layer_qparams(fmt: Format, w: torch.Tensor, stats: LayerStats, method: str = "aware"
+                  ) -> dict[str, torch.Tensor]:
+    """Qparams of one ``(N, K)`` weight for one format, e.g. ``{"scale", "zero"[, "codes"]}``."""
+    if method not in WEIGHT_METHODS:
+        raise QuantcalError(f"unknown weight method {method!r}; use {', '.join(WEIGHT_METHODS)}")
+    return _HANDLERS[type(fmt)](fmt, w, stats, method)
+
+
+def activation_qparams(stats: LayerStats, observer: str) -> dict[str, torch.Tensor]:
+    """Static per-tensor uint8 activation scale and zero point from ``observer``."""
+    scale, zero = get_observer(observer).qparams(stats.summary(), ACT_BITS, symmetric=False)
+    return {"scale": scale.reshape(()), "zero": zero.reshape(())}
+
+
+def compute_qparams(weights_by_layer: dict[str, torch.Tensor], stats: dict[str, LayerStats],
+                    formats: tuple[Format, ...], *, observer: str, method: str = "aware",
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """Qparams of every layer for every format, keyed for ``qparams.safetensors``.
+
+    Args:
+        weights_by_layer: ``(N, K)`` weight per layer name (on the device to compute on).
+    """
+    from tqdm.auto import tqdm
+
+    out: dict[str, torch.Tensor] = {}
+    wants_act = any(isinstance(f, W8A8) for f in formats)
+    for name in tqdm(weights_by_layer, desc="qparams", unit="layer", disable=not progress):
+        w, s = weights_by_layer[name], stats[name]
+        for fmt in formats:
+            for key, t in layer_qparams(fmt, w, s, method).items():
+                out[f"{name}/{fmt.name}/{key}"] = t.cpu()
+        if wants_act:
+            for key, t in activation_qparams(s, observer).items():
+                out[f"{name}/act/{key}"] = t.cpu()
+    return out
+
+
+def read_layer_qparams(tensors: dict[str, torch.Tensor], layer: str, fmt: Format
+                       ) -> dict[str, torch.Tensor]:
+    """The ``{scale, zero[, codes]}`` of one layer and format from a qparams mapping."""
+    prefix = f"{layer}/{fmt.name}/"
+    found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not found and not isinstance(fmt, FP16):
+        raise QuantcalError(f"qparams.safetensors has no {fmt.name} qparams for {layer}; "
+                            f"re-run `quantcal calibrate --formats` including {fmt.name}")
+    return found
