@@ -86,18 +86,30 @@ def bench_calibrate(model: nn.Module, windows: torch.Tensor, *, batch_size: int,
     hooked(half, True)()
     out = {"tokens": float(windows.numel()), "layers": float(len(modules))}
     extra = float(windows.numel() - half.numel())
-    for key, make in (("plain", plain), ("hooks", lambda w: hooked(w, False)),
-                      ("hooks_hessian", lambda w: hooked(w, True))):
+    def plain_graphed(w: torch.Tensor) -> Callable[[], object]:
+        # the calibration driver with no modules hooked: the same CUDA-graph replay, so the
+        # difference to "hooks" is the statistics alone
+        return lambda: collect_full(model, w, {}, batch_size=batch_size, device=device,
+                                    progress=False)
+
+    runs = [("plain", plain), ("hooks", lambda w: hooked(w, False)),
+            ("hooks_hessian", lambda w: hooked(w, True))]
+    if device.type == "cuda":
+        runs.insert(1, ("plain_graph", plain_graphed))
+    for key, make in runs:
         t_all = _timed(make(windows), device, repeats)
         t_half = _timed(make(half), device, repeats)
         out[f"{key}_s"] = t_all
         out[f"{key}_tok_s"] = windows.numel() / t_all
         out[f"{key}_steady_tok_s"] = extra / max(t_all - t_half, 1e-9)
     for key in ("hooks", "hooks_hessian"):
-        out[f"overhead_{key.removeprefix('hooks').strip('_') or 'stats'}_pct"] = \
-            100.0 * (out[f"{key}_s"] / out["plain_s"] - 1.0)
-        out[f"overhead_{key.removeprefix('hooks').strip('_') or 'stats'}_steady_pct"] = \
+        name = key.removeprefix("hooks").strip("_") or "stats"
+        out[f"overhead_{name}_pct"] = 100.0 * (out[f"{key}_s"] / out["plain_s"] - 1.0)
+        out[f"overhead_{name}_steady_pct"] = \
             100.0 * (out["plain_steady_tok_s"] / out[f"{key}_steady_tok_s"] - 1.0)
+        if "plain_graph_s" in out:
+            out[f"overhead_{name}_vs_graph_steady_pct"] = \
+                100.0 * (out["plain_graph_steady_tok_s"] / out[f"{key}_steady_tok_s"] - 1.0)
     return out
 
 
@@ -132,6 +144,8 @@ def format_bench(result: dict[str, float | str]) -> str:
     r = result
     rows = [("plain forward", "plain", None), ("with stat hooks", "hooks", "stats"),
             ("hooks + X^T X", "hooks_hessian", "hessian")]
+    if "plain_graph_s" in r:
+        rows.insert(1, ("plain, CUDA graph", "plain_graph", None))
     lines = [
         f"model {r['model']} on {r.get('gpu', r['device'])} ({r['dtype']}), "
         f"{r['samples']} x {r['seq_len']} tokens, batch {r['batch_size']}, "
@@ -146,4 +160,8 @@ def format_bench(result: dict[str, float | str]) -> str:
                      f"{r[f'{key}_steady_tok_s']:12,.0f} {so}")
     lines.append("  (steady: the cost of the second half of the batches, after one-time "
                  "compilation and CUDA-graph capture)")
+    if "plain_graph_s" in r:
+        lines.append(f"  statistics alone, steady, against the graphed plain forward: "
+                     f"{r['overhead_stats_vs_graph_steady_pct']:+.1f}% "
+                     f"(with X^T X {r['overhead_hessian_vs_graph_steady_pct']:+.1f}%)")
     return "\n".join(lines)
