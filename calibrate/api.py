@@ -16,11 +16,14 @@ from dataclasses import replace
 import torch
 
 from quantcal import __version__
+from quantcal.calibrate.analysis import analyse, write_analysis
 from quantcal.calibrate.collect import collect_full, collect_sequential
+from quantcal.calibrate.planner import Rules
+from quantcal.calibrate.plans import check_budget
 from quantcal.calibrate.data import load_calibration_data
 from quantcal.calibrate.qparams import QPARAMS_KIND, compute_qparams
 from quantcal.calibrate.stats import STAT_KIND, stats_to_tensors
-from quantcal.config import CalibrateConfig, RunRecord
+from quantcal.config import Budget, CalibrateConfig, RunRecord
 from quantcal.errors import QuantcalError
 from quantcal.models import (
     load_model, max_positions, quantizable_layers, resolve_device, resolve_dtype, weight_matrix,
@@ -30,7 +33,8 @@ from quantcal.rundir import (
     read_record,
 )
 
-DOWNSTREAM = (SENSITIVITY, PLAN, MODEL, MODEL + ".data", EXPORT_JSON, EVAL_JSON, REPORT)
+DOWNSTREAM = (SENSITIVITY, "sensitivity.png", PLAN, MODEL, MODEL + ".data", EXPORT_JSON,
+              EVAL_JSON, REPORT)
 
 
 def check_run_dir(run: RunDir, config: CalibrateConfig, overwrite: bool) -> None:
@@ -61,8 +65,12 @@ def _versions() -> dict[str, str]:
 
 
 def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
+              budget: Budget | None = None, rules: Rules = Rules(),
               progress: bool = True) -> RunRecord:
-    """Collect statistics and qparams for ``config.model`` and write them into ``run``.
+    """Collect statistics and qparams for ``config.model`` and write them into ``run``;
+    unless ``config.sensitivity`` is ``none``, also score every layer and plan for
+    ``budget`` (None: about 4.5 bits per weight, see ``plans.default_budget``) under
+    ``rules``.
 
     Returns:
         The ``run.json`` record written.
@@ -81,12 +89,17 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
     timings["load_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    windows, _ = load_calibration_data(config.data, tokenizer, seq_len=config.seq_len,
-                                       samples=config.samples, seed=config.seed,
-                                       text_field=config.text_field)
+    analyse_it = config.sensitivity != "none"
+    windows, held_out = load_calibration_data(
+        config.data, tokenizer, seq_len=config.seq_len, samples=config.samples,
+        seed=config.seed, holdout=config.sensitivity_samples if analyse_it else 0,
+        text_field=config.text_field)
     timings["data_s"] = time.perf_counter() - t
 
     layers = quantizable_layers(model)
+    shape_only = RunRecord(config=config, layers=layers, **_outside_bytes(model, layers))
+    if analyse_it:  # an impossible budget or rule fails now, not after the heavy work
+        check_budget(shape_only, budget, rules)
     modules = {n: model.get_submodule(n) for n, i in layers.items() if i.kind != "embedding"}
     collect = collect_sequential if config.sequential else collect_full
     t = time.perf_counter()
@@ -102,15 +115,33 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
     qparams = compute_qparams(weights, stats, config.formats, observer=config.observer,
                               method=config.weight_method, progress=progress)
     timings["qparams_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
 
-    record = RunRecord(config=config, layers=layers, versions=_versions(), timings=timings,
-                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    _write(run, record, stats_to_tensors(stats), qparams, overwrite)
+    record = replace(shape_only, versions=_versions(), timings=timings,
+                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    analysis = None
+    if analyse_it:
+        t = time.perf_counter()
+        model.to(device)
+        analysis = analyse(model, record, stats, qparams, held_out, budget=budget,
+                           rules=rules, device=device, progress=progress)
+        timings["sensitivity_plan_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    record = replace(record, timings=timings)
+    _write(run, record, stats_to_tensors(stats), qparams, overwrite, analysis)
     return record
 
 
-def _write(run: RunDir, record: RunRecord, stats: dict, qparams: dict, overwrite: bool) -> None:
+def _outside_bytes(model, layers) -> dict:
+    """fp16 bytes of the parameters no plan covers, and whether the head is tied."""
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    planned = sum(i.in_features * i.out_features for n, i in layers.items()
+                  if i.kind != "embedding" and not (tied and n == "lm_head"))
+    total = sum(p.numel() for p in model.parameters())
+    return {"other_param_bytes": 2 * (total - planned), "tied_lm_head": tied}
+
+
+def _write(run: RunDir, record: RunRecord, stats: dict, qparams: dict, overwrite: bool,
+           analysis: tuple | None) -> None:
     meta = {"model": record.config.model, "observer": record.config.observer,
             "weight_method": record.config.weight_method,
             "formats": ",".join(f.name for f in record.config.formats)}
@@ -120,6 +151,8 @@ def _write(run: RunDir, record: RunRecord, stats: dict, qparams: dict, overwrite
             run.file(name).unlink(missing_ok=True)
     run.save_tensors(STATS, stats, kind=STAT_KIND, metadata=meta)
     run.save_tensors(QPARAMS, qparams, kind=QPARAMS_KIND, metadata=meta)
+    if analysis is not None:
+        write_analysis(run, *analysis)
     run.write_run(record)
 
 

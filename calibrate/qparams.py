@@ -57,7 +57,7 @@ _HANDLERS: dict[type, Callable[..., dict[str, torch.Tensor]]] = {
 }
 
 
-def layer_qparams(fmt: Format, w: torch.Tensor, stats: LayerStats, method: str = "aware"
+def format_qparams(fmt: Format, w: torch.Tensor, stats: LayerStats, method: str = "aware"
                   ) -> dict[str, torch.Tensor]:
     """Qparams of one ``(N, K)`` weight for one format, e.g. ``{"scale", "zero"[, "codes"]}``."""
     if method not in WEIGHT_METHODS:
@@ -86,20 +86,9 @@ def compute_qparams(weights_by_layer: dict[str, torch.Tensor], stats: dict[str, 
     for name in tqdm(weights_by_layer, desc="qparams", unit="layer", disable=not progress):
         w, s = weights_by_layer[name], stats[name]
         for fmt in formats:
-            for key, t in layer_qparams(fmt, w, s, method).items():
+            for key, t in format_qparams(fmt, w, s, method).items():
                 out[f"{name}/{fmt.name}/{key}"] = t.cpu()
         if wants_act:
             for key, t in activation_qparams(s, observer).items():
                 out[f"{name}/act/{key}"] = t.cpu()
     return out
-
-
-def read_layer_qparams(tensors: dict[str, torch.Tensor], layer: str, fmt: Format
-                       ) -> dict[str, torch.Tensor]:
-    """The ``{scale, zero[, codes]}`` of one layer and format from a qparams mapping."""
-    prefix = f"{layer}/{fmt.name}/"
-    found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if not found and not isinstance(fmt, FP16):
-        raise QuantcalError(f"qparams.safetensors has no {fmt.name} qparams for {layer}; "
-                            f"re-run `quantcal calibrate --formats` including {fmt.name}")
-    return found

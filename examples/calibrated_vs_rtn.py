@@ -16,7 +16,8 @@ import torch
 
 from quantcal import qmath
 from quantcal.calibrate.data import load_calibration_data
-from quantcal.calibrate.qparams import QPARAMS_KIND, read_layer_qparams
+from quantcal.calibrate.qparams import QPARAMS_KIND
+from quantcal.fakequant import layer_qparams
 from quantcal.formats import parse_formats
 from quantcal.models import load_model, weight_matrix
 from quantcal.rundir import QPARAMS, RunDir
@@ -51,7 +52,7 @@ def main() -> None:
     for name in layers:
         w = weight_matrix(model.get_submodule(name)).detach().float()
         for fmt in formats:
-            cal, rtn = quantized_weights(w, read_layer_qparams(qparams, name, fmt), fmt)
+            cal, rtn = quantized_weights(w, layer_qparams(qparams, name, fmt), fmt)
             deltas[name, fmt.name] = (w - cal, w - rtn)
     err = {k: [0.0, 0.0] for k in deltas}
 

@@ -27,7 +27,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from quantcal.calibrate.qparams import QPARAMS_KIND, read_layer_qparams
+from quantcal.calibrate.qparams import QPARAMS_KIND
+from quantcal.fakequant import layer_qparams
 from quantcal.formats import Int4, Int8
 from quantcal.packing import dequantize_matmulnbits, pack_matmulnbits
 from quantcal.qmath import quantize_weight
@@ -109,7 +110,7 @@ def main() -> None:
         print(f"model {model_dir}: {len(linears)} linear layers")
         name, layer = linears[0]
         for fmt in (Int4(128), Int8()):
-            qp = read_layer_qparams(qparams, name, fmt)
+            qp = layer_qparams(qparams, name, fmt)
             err = matmulnbits_check(name, layer.weight.detach(), fmt, qp)
             print(f"  {name} as {fmt.name}: onnxruntime MatMulNBits vs torch reference, "
                   f"max |diff| = {err:.2e}")

@@ -116,39 +116,84 @@ def cli(ctx: click.Context) -> None:
 @click.option("--sequential", is_flag=True,
               help="Calibrate one decoder block at a time from cached block inputs "
               "(peak GPU memory: one block plus activations).")
+@click.option("--sensitivity", type=click.Choice(["exact", "fast"]), default="exact",
+              show_default=True,
+              help="exact: KL of the next-token distribution with one layer quantized; "
+              "fast: a proxy from the statistics (no forward passes).")
+@click.option("--no-sensitivity", is_flag=True,
+              help="Stop after the qparams: no sensitivity.json and no plan.json.")
+@click.option("--sensitivity-samples", type=int, default=32, show_default=True,
+              help="Held-out windows (not used for calibration) for the sensitivity scores "
+              "and the plan's measured KL.")
+@budget_options
 @click.option("--overwrite", is_flag=True,
               help="Replace a different run already in the run directory.")
 @run_option
 def calibrate(**opts) -> None:
-    """Collect activation statistics and compute per-layer qparams.
+    """Collect activation statistics, compute per-layer qparams, score each layer's
+    sensitivity and plan a format per layer.
 
     Runs the model over calibration windows with forward hooks on every quantizable
     module and writes run.json, stats.safetensors and qparams.safetensors into the run
-    directory.
+    directory; then (unless --no-sensitivity) sensitivity.json, sensitivity.png and
+    plan.json for the budget (default --target-bits 4.5).
     """
     from quantcal.calibrate.api import calibrate as run_calibration, config_from_options
+    from quantcal.calibrate.planner import Rules
+    from quantcal.calibrate.plans import budget_from_options
     from quantcal.rundir import RunDir
 
     run, overwrite = RunDir(opts.pop("run")), opts.pop("overwrite")
-    record = run_calibration(config_from_options(opts), run, overwrite=overwrite)
+    budget = budget_from_options(opts.pop("target_bits"), opts.pop("max_size"),
+                                 opts.pop("max_kl"))
+    rules = Rules.parse(opts.pop("keep"), opts.pop("force"))
+    if opts.pop("no_sensitivity"):
+        opts["sensitivity"] = "none"
+    record = run_calibration(config_from_options(opts), run, overwrite=overwrite,
+                             budget=budget, rules=rules)
     t = record.timings
     n = sum(i.kind != "embedding" for i in record.layers.values())
     click.echo(f"calibrated {n} layers on {record.config.samples} x "
                f"{record.config.seq_len} tokens in {t['total_s']:.1f} s "
                f"({t['tokens_per_s']:.0f} tok/s with hooks); wrote {run.path}/")
+    if run.has("plan.json"):
+        click.echo(_plan_summary(run.read_plan()))
+
+
+def _plan_summary(plan) -> str:
+    counts = ", ".join(f"{int(v)} {k.removeprefix('layers_')}" for k, v in plan.totals.items()
+                       if k.startswith("layers_"))
+    kl = "" if plan.kl_measured is None else (
+        f"; KL predicted {plan.kl_predicted:.4g}, measured {plan.kl_measured:.4g} nats/token")
+    return (f"plan ({plan.budget.kind} {plan.budget.value:g}): {counts}; "
+            f"{plan.totals['bits_per_weight']:.3f} bits/weight, "
+            f"{plan.predicted_size_bytes / 1e6:.1f} MB predicted{kl}")
 
 
 @cli.command()
 @budget_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the plan (default: RUN/plan.json).")
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="Measure the new plan's whole-model KL on the held-out windows (loads "
+              "the model again).")
 @run_option
 def plan(**opts) -> None:
     """Choose a format per layer under a budget, from an existing run directory.
 
-    Reads sensitivity.json and run.json (nothing is recomputed) and writes plan.json.
+    Reads sensitivity.json and run.json (no layer is re-scored), solves the plan exactly
+    and writes plan.json (default budget: --target-bits 4.5).
     """
-    _not_yet("plan")
+    from quantcal.calibrate.analysis import replan
+    from quantcal.calibrate.planner import Rules
+    from quantcal.calibrate.plans import budget_from_options
+    from quantcal.rundir import RunDir
+
+    budget = budget_from_options(opts["target_bits"], opts["max_size"], opts["max_kl"])
+    new = replan(RunDir(opts["run"]), budget=budget,
+                 rules=Rules.parse(opts["keep"], opts["force"]), output=opts["output"],
+                 measure=opts["measure"])
+    click.echo(_plan_summary(new))
 
 
 @cli.command()
@@ -226,7 +271,12 @@ def bench(target, as_json, **opts) -> None:
 @run_option
 def report(**opts) -> None:
     """Turn a run directory into report.md with plots (plan, sensitivity, accuracy vs size)."""
-    _not_yet("report")
+    from quantcal.evaluate.report import write_report
+    from quantcal.rundir import REPORT, RunDir
+
+    run = RunDir(opts["run"])
+    write_report(run)
+    click.echo(f"wrote {run.file(REPORT)}")
 
 
 def main() -> None:

@@ -139,6 +139,8 @@ class CalibrateConfig(Strict):
     hessian: bool = False
     sequential: bool = False
     formats: tuple[Format, ...] = DEFAULT_CANDIDATES
+    sensitivity: str = "exact"  # exact | fast | none
+    sensitivity_samples: int = 32
 
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "batch_size"):
@@ -149,6 +151,10 @@ class CalibrateConfig(Strict):
             raise QuantcalError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if not _DEVICE.match(self.device):
             raise QuantcalError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.sensitivity not in ("exact", "fast", "none"):
+            raise QuantcalError(f"unknown sensitivity {self.sensitivity!r}; use exact or fast")
+        if self.sensitivity_samples < 1:
+            raise QuantcalError("--sensitivity-samples must be at least 1")
         if self.weight_method not in ("aware", "rtn"):
             raise QuantcalError(f"unknown weight method {self.weight_method!r}; use aware or rtn")
         if not self.formats:
@@ -173,9 +179,41 @@ class RunRecord(Strict):
 
     config: CalibrateConfig
     layers: dict[str, LayerInfo] = field(default_factory=dict)
+    other_param_bytes: int = 0  # fp16 bytes outside the planned layers (embeddings, norms)
+    tied_lm_head: bool = False
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str = ""
+
+
+SENSITIVITY_METHODS = ("exact", "fast")
+
+
+@dataclass(frozen=True)
+class SensitivityRecord(Strict):
+    """``sensitivity.json``: per layer, the damage of each candidate format.
+
+    ``scores[layer][format]`` is the mean KL (nats/token) of the model's next-token
+    distribution from the FP model's when only that layer is quantized (``exact``), or the
+    proxy's estimate (``fast``). ``proxy`` holds the fast proxy's scores when both were
+    computed, and ``spearman`` their rank correlation with the exact scores.
+    """
+
+    versioned: ClassVar[bool] = True
+
+    method: str
+    formats: tuple[Format, ...]
+    scores: dict[str, dict[str, float]]
+    samples: int = 0
+    seq_len: int = 0
+    proxy: dict[str, dict[str, float]] = field(default_factory=dict)
+    spearman: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in SENSITIVITY_METHODS:
+            raise QuantcalError(f"unknown sensitivity method {self.method!r}; "
+                                f"use {', '.join(SENSITIVITY_METHODS)}")
 
 
 BUDGET_KINDS = ("target_bits", "max_size", "max_kl", "none")
@@ -215,3 +253,5 @@ class Plan(Strict):
     budget: Budget = field(default_factory=Budget)
     totals: dict[str, float] = field(default_factory=dict)
     predicted_size_bytes: int = 0
+    kl_predicted: float | None = None  # sum of the layers' scores
+    kl_measured: float | None = None  # the whole plan applied at once, on held-out windows

@@ -21,7 +21,8 @@ def c4_file(shared_data):
 
 def _calibrate(model_dir, run, data, *extra):
     args = ["calibrate", "--model", str(model_dir), "--data", data, "--samples", "4",
-            "--seq-len", "32", "--batch-size", "2", "--run", str(run), *extra]
+            "--seq-len", "32", "--batch-size", "2", "--sensitivity-samples", "2",
+            "--run", str(run), *extra]
     return CliRunner().invoke(cli, args)
 
 
@@ -29,7 +30,8 @@ def test_calibrate_writes_the_run_directory(tiny_model_dir, tmp_path, c4_file):
     run = tmp_path / "run"
     res = _calibrate(tiny_model_dir, run, c4_file, "--formats", "int8,int4-g32,w8a8")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in run.iterdir()) == sorted([RUN_JSON, STATS, QPARAMS])
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [RUN_JSON, STATS, QPARAMS, "sensitivity.json", "sensitivity.png", "plan.json"])
     record = RunDir(run).read_run()
     assert isinstance(record, RunRecord)
     assert record.config.samples == 4 and record.config.seq_len == 32
@@ -45,7 +47,7 @@ def test_calibrate_writes_the_run_directory(tiny_model_dir, tmp_path, c4_file):
 def test_rerun_same_config_ok_different_needs_overwrite(tiny_llama_dir, tmp_path, c4_file):
     run = tmp_path / "run"
     assert _calibrate(tiny_llama_dir, run, c4_file).exit_code == 0
-    (run / "plan.json").write_text("{}")  # a downstream file of that run
+    (run / "model.onnx").write_text("stale")  # a downstream file of that run
     assert _calibrate(tiny_llama_dir, run, c4_file).exit_code == 0
     res = _calibrate(tiny_llama_dir, run, c4_file, "--seed", "5")
     assert res.exit_code == 2 and "already holds a different run" in res.output
@@ -53,7 +55,8 @@ def test_rerun_same_config_ok_different_needs_overwrite(tiny_llama_dir, tmp_path
     res = _calibrate(tiny_llama_dir, run, c4_file, "--seed", "5", "--overwrite")
     assert res.exit_code == 0, res.output
     assert RunDir(run).read_run().config.seed == 5
-    assert not (run / "plan.json").exists()  # stale downstream files are removed
+    assert not (run / "model.onnx").exists()  # stale downstream files are removed
+    assert RunDir(run).read_plan().model == str(tiny_llama_dir)  # a fresh plan
 
 
 def _bad_files(tmp_path):

@@ -11,7 +11,8 @@ from quantcal import qmath
 from quantcal.calibrate import weights
 from quantcal.calibrate.collect import collect_full
 from quantcal.calibrate.data import calibration_windows
-from quantcal.calibrate.qparams import compute_qparams, read_layer_qparams
+from quantcal.calibrate.qparams import compute_qparams
+from quantcal.fakequant import layer_qparams
 from quantcal.formats import W8A8, Int4, Int8
 from quantcal.models import quantizable_layers, weight_matrix
 
@@ -96,7 +97,7 @@ def test_compute_qparams_covers_every_format(calibrated):
     q = compute_qparams(ws, stats, formats, observer="mse", progress=False)
     for name, w in ws.items():
         n, k = w.shape
-        p4 = read_layer_qparams(q, name, Int4(128))
+        p4 = layer_qparams(q, name, Int4(128))
         assert p4["scale"].shape == (n, -(-k // 128)) and "codes" in p4  # hessian was on
-        assert read_layer_qparams(q, name, W8A8())["scale"].shape == (n, 1)
+        assert layer_qparams(q, name, W8A8())["scale"].shape == (n, 1)
         assert q[f"{name}/act/scale"].shape == () and float(q[f"{name}/act/scale"]) > 0

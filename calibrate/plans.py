@@ -1,0 +1,190 @@
+"""From sensitivities and a budget to ``plan.json``, and the whole plan's measured KL.
+
+Builds each layer's candidates (fp16 plus every calibrated format, with the bytes the export
+will store and the sensitivity score), turns the user's budget into the planner's limit
+(with the feasible range in the error when it cannot be met), solves, and writes a
+:class:`~quantcal.config.Plan` that says per layer its format, bits, bytes, score and why.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from quantcal.calibrate.planner import Candidate, Rules, apply_rules, feasible_bytes, solve
+from quantcal.config import Budget, LayerPlan, Plan, RunRecord, SensitivityRecord
+from quantcal.errors import QuantcalError
+from quantcal.fakequant import fake_quant_modules, swapped
+from quantcal.formats import FP16
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_size(text: str) -> int:
+    """``"90MB"``, ``"1.2GB"``, ``"500MiB"`` or plain bytes -> bytes."""
+    m = _SIZE.match(str(text))
+    unit = (m.group(2) or "").lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise QuantcalError(f"--max-size {text!r}: write a size such as 90MB, 1.2GB or 500MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+DEFAULT_BITS = 4.5
+
+
+def budget_from_options(target_bits: float | None, max_size: str | None,
+                        max_kl: float | None) -> Budget | None:
+    """The budget the user asked for; None when none was given (see :func:`make_plan`)."""
+    given = [(k, v) for k, v in (("target_bits", target_bits), ("max_size", max_size),
+                                 ("max_kl", max_kl)) if v is not None]
+    if len(given) > 1:
+        raise QuantcalError("give one budget: --target-bits, --max-size or --max-kl, not "
+                            + " and ".join(f"--{k.replace('_', '-')}" for k, _ in given))
+    if not given:
+        return None
+    kind, value = given[0]
+    return Budget(kind, float(parse_size(value)) if kind == "max_size" else float(value))
+
+
+def candidates(record: RunRecord, sens: SensitivityRecord) -> dict[str, list[Candidate]]:
+    """fp16 plus each scored format, per quantizable layer, in model order."""
+    out = {}
+    for name, info in record.layers.items():
+        if info.kind == "embedding" or name not in sens.scores:
+            continue
+        n, k = info.out_features, info.in_features
+        out[name] = [Candidate(FP16(), FP16().weight_bytes(n, k), 0.0)] + [
+            Candidate(f, f.weight_bytes(n, k), max(sens.scores[name][f.name], 0.0))
+            for f in sens.formats if not isinstance(f, FP16)]
+    return out
+
+
+def _outside_plan_bytes(record: RunRecord, chosen: Mapping[str, Candidate]) -> int:
+    """Bytes the export stores besides the planned layers (embeddings, norms, biases)."""
+    extra = record.other_param_bytes
+    head = chosen.get("lm_head")
+    if record.tied_lm_head and head is not None and isinstance(head.fmt, FP16):
+        extra -= head.nbytes  # a tied fp16 head shares the embedding's bytes
+    return extra
+
+
+def _size_costs(record: RunRecord, cands: dict[str, list[Candidate]]
+                ) -> dict[str, list[Candidate]]:
+    """Candidates costed by what they add to the exported file: a tied fp16 head adds
+    nothing (it is the embedding, counted outside the plan)."""
+    if not record.tied_lm_head or "lm_head" not in cands:
+        return cands
+    head = [Candidate(c.fmt, 0, c.score) if isinstance(c.fmt, FP16) else c
+            for c in cands["lm_head"]]
+    return {**cands, "lm_head": head}
+
+
+def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
+                  ) -> dict[str, Candidate]:
+    """Solve under ``budget``; an unreachable budget names the feasible range."""
+    # a budget is an upper bound: above what the rules allow it is slack, not an error;
+    # only below the smallest assignment or above all-fp16 is it impossible
+    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
+    fp16 = 2 * weights  # all fp16, whatever the rules allow
+    if budget.kind == "target_bits":
+        lo, _ = feasible_bytes(cands)
+        lo_b, hi_b = 8 * lo / weights, 8 * fp16 / weights
+        if not lo_b <= budget.value <= hi_b:
+            raise QuantcalError(f"--target-bits {budget.value:g} is impossible with these "
+                                f"formats and rules: feasible range {lo_b:.3f} to {hi_b:.3f}")
+        return solve(cands, max_bytes=int(budget.value * weights // 8))
+    if budget.kind == "max_size":
+        costed = _size_costs(record, cands)
+        lo, _ = feasible_bytes(costed)
+        hi = 2 * weights - (2 * record.layers["lm_head"].in_features
+                            * record.layers["lm_head"].out_features
+                            if record.tied_lm_head and "lm_head" in cands else 0)
+        outside = record.other_param_bytes
+        if not lo + outside <= budget.value <= hi + outside:
+            raise QuantcalError(f"--max-size {budget.value / 1e6:.2f}MB is impossible: feasible "
+                                f"range {(lo + outside) / 1e6:.2f}MB to "
+                                f"{(hi + outside) / 1e6:.2f}MB")
+        picked = solve(costed, max_bytes=int(budget.value - outside))
+        return {n: next(c for c in cands[n] if c.fmt == p.fmt) for n, p in picked.items()}
+    if budget.kind == "max_kl":
+        if budget.value < 0:
+            raise QuantcalError(f"--max-kl {budget.value:g} is impossible: KL is at least 0")
+        return solve(cands, max_score=budget.value)
+    raise QuantcalError(f"budget {budget.kind!r} cannot be planned; use --target-bits, "
+                        "--max-size or --max-kl")
+
+
+def default_budget(record: RunRecord, cands: dict[str, list[Candidate]]) -> Budget:
+    """``DEFAULT_BITS`` bits per weight, moved into the feasible range if needed (e.g. a
+    hidden size of 576 pads int4-g128 groups, so 4.5 bits may be below all-int4)."""
+    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
+    lo, hi = (8 * b / weights for b in feasible_bytes(cands))
+    bits = min(max(DEFAULT_BITS, lo), hi)
+    if bits != DEFAULT_BITS:
+        print(f"quantcal: the default budget of {DEFAULT_BITS} bits/weight is outside the "
+              f"feasible range {lo:.3f}-{hi:.3f} of these formats; planning for {bits:.3f}")
+    return Budget("target_bits", bits)
+
+
+def make_plan(record: RunRecord, sens: SensitivityRecord, budget: Budget | None,
+              rules: Rules) -> Plan:
+    """Solve for ``budget`` (None: :func:`default_budget`) under ``rules`` and describe the
+    result as a Plan."""
+    if budget is not None and budget.kind == "max_kl" and sens.method != "exact":
+        raise QuantcalError("--max-kl needs exact sensitivities (KL); the fast proxy is not in "
+                            "KL units: re-run `quantcal calibrate --sensitivity exact`")
+    cands, reasons = apply_rules(candidates(record, sens), rules)
+    budget = budget or default_budget(record, cands)
+    chosen = _solve_budget(budget, cands, record)
+    layers = {}
+    for name, c in chosen.items():
+        info = record.layers[name]
+        bits = c.fmt.bits_per_weight(info.out_features, info.in_features)
+        layers[name] = LayerPlan(c.fmt, bits=round(bits, 4), bytes=c.nbytes, score=c.score,
+                                 reason=reasons[name])
+    return describe(record, layers, budget)
+
+
+def describe(record: RunRecord, layers: dict[str, LayerPlan], budget: Budget,
+             kl_measured: float | None = None) -> Plan:
+    """A Plan with totals and predicted size computed from its layers."""
+    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in layers)
+    nbytes = sum(p.bytes for p in layers.values())
+    chosen = {n: Candidate(p.format, p.bytes, p.score or 0.0) for n, p in layers.items()}
+    totals: dict[str, float] = {"bits_per_weight": 8 * nbytes / weights,
+                                "planned_bytes": float(nbytes), "layers": float(len(layers))}
+    for p in layers.values():
+        totals[f"layers_{p.format.name}"] = totals.get(f"layers_{p.format.name}", 0.0) + 1
+    return Plan(model=record.config.model, layers=layers, budget=budget, totals=totals,
+                predicted_size_bytes=nbytes + _outside_plan_bytes(record, chosen),
+                kl_predicted=sum(p.score or 0.0 for p in layers.values()),
+                kl_measured=kl_measured)
+
+
+def check_budget(record: RunRecord, budget: Budget | None, rules: Rules) -> None:
+    """Fail early (before any statistics) on a budget or rule that no plan can meet."""
+    zero = {n: {f.name: 0.0 for f in record.config.formats} for n, i in record.layers.items()
+            if i.kind != "embedding"}
+    sens = SensitivityRecord("exact" if record.config.sensitivity == "exact" else "fast",
+                             record.config.formats, zero)
+    make_plan(record, sens, budget, rules)
+
+
+@torch.inference_mode()
+def plan_kl(model: nn.Module, plan: Plan, qparams: Mapping[str, torch.Tensor],
+            held_out: torch.Tensor, *, batch_size: int, device: torch.device) -> float:
+    """Mean KL (nats/token) of the model with the whole plan applied, on ``held_out``."""
+    formats = {n: p.format for n, p in plan.layers.items()}
+    total = 0.0
+    for batch in held_out.split(batch_size):
+        batch = batch.to(device)
+        ref = torch.log_softmax(model(batch, use_cache=False).logits.float(), dim=-1)
+        with swapped(model, fake_quant_modules(model, formats, qparams)):
+            logq = torch.log_softmax(model(batch, use_cache=False).logits.float(), dim=-1)
+        total += float((ref.exp() * (ref - logq)).sum(-1).mean()) * batch.shape[0]
+    return total / held_out.shape[0]

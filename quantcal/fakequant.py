@@ -1,0 +1,135 @@
+"""Fake quantization of a torch model from calibrated qparams: the reference every stage
+compares against (sensitivity, plan KL, export parity, the torch evaluation backend).
+
+``quantized_weight`` turns a layer's qparams for one format into the dequantized ``(N, K)``
+weight the exported model will multiply by (GPTQ codes when present, else the codes the
+qparams give). ``FakeQuantLinear`` stands in for an ``nn.Linear`` or GPT-2 ``Conv1D``:
+it multiplies by that weight and, for ``w8a8``, first fake-quantizes its input with the
+static activation scale. ``fake_quantized`` swaps such modules in for a set of layers and
+always restores the originals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from quantcal import qmath
+from quantcal.errors import QuantcalError
+from quantcal.formats import FP16, W8A8, BlockQuant, Format, Int4, Int8
+
+ACT_BITS = 8
+
+
+def _block_weight(fmt: BlockQuant, w: torch.Tensor, qp: Mapping[str, torch.Tensor]
+                  ) -> torch.Tensor:
+    scale, zero = qp["scale"].to(w.device), qp["zero"].to(w.device)
+    codes = qp.get("codes")
+    if codes is None:
+        codes = qmath.quantize_weight(w, scale, zero, fmt.bits, fmt.group_size)
+    return qmath.dequantize_weight(codes.to(w.device), scale, zero, fmt.group_size)
+
+
+def _w8a8_weight(fmt: W8A8, w: torch.Tensor, qp: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return qmath.fake_quant_weight(w.float(), qp["scale"].to(w.device), qp["zero"].to(w.device),
+                                   8, None)
+
+
+def _fp16_weight(fmt: FP16, w: torch.Tensor, qp: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return w.float()
+
+
+_WEIGHT: dict[type, Callable[..., torch.Tensor]] = {
+    Int4: _block_weight, Int8: _block_weight, W8A8: _w8a8_weight, FP16: _fp16_weight,
+}
+
+
+def quantized_weight(fmt: Format, w: torch.Tensor, qp: Mapping[str, torch.Tensor]
+                     ) -> torch.Tensor:
+    """The dequantized ``(N, K)`` float32 weight of ``w`` under ``fmt`` and its qparams."""
+    return _WEIGHT[type(fmt)](fmt, w.float(), qp)
+
+
+class FakeQuantLinear(nn.Module):
+    """``y = fq(x) @ w_hat^T + b``; stands in for a Linear or Conv1D of the same shapes."""
+
+    def __init__(self, w_hat: torch.Tensor, bias: torch.Tensor | None,
+                 act: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.register_buffer("weight", w_hat)  # (N, K)
+        self.bias = bias
+        self.act = act  # (scale, zero) of the static uint8 activation quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            scale, zero = self.act
+            x = qmath.fake_quant(x, scale.to(x.device), zero.to(x.device), ACT_BITS)
+        return nn.functional.linear(x, self.weight.to(x.dtype),
+                                    None if self.bias is None else self.bias.to(x.dtype))
+
+
+def fake_quant_module(module: nn.Module, fmt: Format, qp: Mapping[str, torch.Tensor],
+                      act_qp: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A :class:`FakeQuantLinear` for ``module`` (whose ``(N, K)`` weight is ``w``)."""
+    from quantcal.models import weight_matrix
+
+    w = weight_matrix(module).detach()
+    w_hat = quantized_weight(fmt, w, qp).to(w.dtype)
+    act = None
+    if isinstance(fmt, W8A8):
+        if act_qp is None:
+            raise QuantcalError("w8a8 needs the layer's activation qparams; re-run "
+                                "`quantcal calibrate` with w8a8 among --formats")
+        act = (act_qp["scale"], act_qp["zero"])
+    return FakeQuantLinear(w_hat, module.bias, act)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    return old
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[nn.Module]:
+    """Temporarily replace submodules by name; the originals always come back."""
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, new in replacements.items():
+            originals[name] = _swap(model, name, new)
+        yield model
+    finally:
+        for name, old in originals.items():
+            _swap(model, name, old)
+
+
+def layer_qparams(qparams: Mapping[str, torch.Tensor], layer: str, fmt: Format
+                  ) -> dict[str, torch.Tensor]:
+    """``{scale, zero[, codes]}`` of ``layer`` for ``fmt`` from a qparams.safetensors mapping."""
+    prefix = f"{layer}/{fmt.name}/"
+    found = {k[len(prefix):]: v for k, v in qparams.items() if k.startswith(prefix)}
+    if not found and not isinstance(fmt, FP16):
+        raise QuantcalError(f"qparams.safetensors has no {fmt.name} qparams for {layer}; "
+                            f"re-run `quantcal calibrate` with {fmt.name} among --formats")
+    return found
+
+
+def act_qparams(qparams: Mapping[str, torch.Tensor], layer: str) -> dict[str, torch.Tensor] | None:
+    prefix = f"{layer}/act/"
+    found = {k[len(prefix):]: v for k, v in qparams.items() if k.startswith(prefix)}
+    return found or None
+
+
+def fake_quant_modules(model: nn.Module, formats: Mapping[str, Format],
+                       qparams: Mapping[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """Fake-quant stand-ins for every layer whose format is not fp16."""
+    return {
+        name: fake_quant_module(model.get_submodule(name), fmt,
+                                layer_qparams(qparams, name, fmt), act_qparams(qparams, name))
+        for name, fmt in formats.items() if not isinstance(fmt, FP16)
+    }
