@@ -1,0 +1,115 @@
+"""A small ONNX graph builder: nodes, initializers, inputs and outputs, deterministic names.
+
+Node names follow the module path (``model.layers.3.mlp.down_proj`` becomes
+``/model/layers.3/mlp/down_proj``, as onnxruntime-genai names them), so a plan keyed by
+module name maps onto the graph without guessing. Models are written atomically; weights go
+to one external-data file beside the model (``model.onnx.data``) so models over 2 GB work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from quantcal.rundir import atomic_path
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+
+
+def node_prefix(module_name: str) -> str:
+    """``model.layers.3.mlp.down_proj`` -> ``/model/layers.3/mlp/down_proj``."""
+    parts: list[str] = []
+    for piece in module_name.split("."):
+        if piece.isdigit() and parts:
+            parts[-1] = f"{parts[-1]}.{piece}"
+        else:
+            parts.append(piece)
+    return "/" + "/".join(parts)
+
+
+def onnx_dtype(dtype: Any) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+class GraphBuilder:
+    """Accumulates a graph; ``dtype`` is the activation dtype (float16 on GPU, float32 CPU)."""
+
+    def __init__(self, dtype: Any = np.float32):
+        self.dtype = np.dtype(dtype)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._names: set[str] = set()
+
+    @property
+    def elem_type(self) -> int:
+        return onnx_dtype(self.dtype)
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        """Add a constant tensor; returns its name."""
+        if name in self._names:
+            raise ValueError(f"duplicate tensor name {name}")
+        self._names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, name: str, values: Sequence | np.ndarray, dtype: Any = np.int64) -> str:
+        return self.initializer(name, np.asarray(values, dtype=dtype))
+
+    def node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str] | int = 1, *,
+             name: str, domain: str = "", **attrs: Any) -> list[str]:
+        """Add a node named ``name``; ``outputs`` as names or a count (named after the node)."""
+        if isinstance(outputs, int):
+            outputs = [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name,
+                                           domain=domain or None, **attrs))
+        return list(outputs)
+
+    def input(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def output(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def model(self, graph_name: str = "quantcal") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs,
+                                  self.initializers)
+        model = helper.make_model(graph, producer_name="quantcal", opset_imports=[
+            helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+        model.ir_version = 10
+        return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` with its weights in ``<path>.data``, both atomically."""
+    path = Path(path)
+    data_name = path.name + ".data"
+    with atomic_path(path.parent / data_name) as tmp_data:
+        tmp_data.unlink(missing_ok=True)
+        with atomic_path(path) as tmp_model:
+            # onnx writes external data relative to the model file: write under the final
+            # data file's name into a scratch folder, then move both
+            scratch = tmp_model.parent / f".{path.name}.scratch"
+            scratch.mkdir(exist_ok=True)
+            try:
+                onnx.save_model(model, scratch / path.name, save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=data_name,
+                                size_threshold=1024)
+                os.replace(scratch / path.name, tmp_model)
+                if (scratch / data_name).exists():
+                    os.replace(scratch / data_name, tmp_data)
+                else:
+                    tmp_data.write_bytes(b"")
+            finally:
+                for leftover in scratch.iterdir():
+                    leftover.unlink()
+                scratch.rmdir()

@@ -1,0 +1,180 @@
+"""The decoder graph of the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) in ONNX.
+
+One graph serves prefill and decode: ``input_ids`` (B, S), ``attention_mask`` (B, P+S),
+``position_ids`` (B, S), ``past_key_values.{i}.key|value`` (B, kv_heads, P, head_dim) in;
+``logits`` (B, S, V) and ``present.{i}.key|value`` out. It uses onnxruntime's contrib ops
+where they make the CUDA provider fast: ``GroupQueryAttention`` (rotary inside, KV cache
+appended in place), ``SkipSimplifiedLayerNormalization`` (residual add fused into RMSNorm).
+Each linear layer is emitted as its plan says (``export.emit``); node names follow module
+names.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from onnx import TensorProto
+from torch import nn
+
+from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
+from quantcal.export.emit import emit_linear
+from quantcal.fakequant import act_qparams, layer_qparams
+from quantcal.formats import Format
+from quantcal.models import weight_matrix
+
+MAX_CACHE_POSITIONS = 131072  # rotary cos/sin rows; bounds the context the graph accepts
+
+
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    return t.detach().float().cpu().numpy().astype(dtype)
+
+
+def _rotary_cache(model: nn.Module, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, head_dim/2) cos and sin from the model's own rotary embedding (so rope
+    scaling variants such as Llama 3's come for free)."""
+    rotary = model.model.rotary_emb
+    pos = torch.arange(positions).unsqueeze(0)
+    dummy = torch.zeros(1, dtype=torch.float32)
+    cos, sin = rotary(dummy, pos)  # (1, P, head_dim), halves duplicated
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+
+
+class _Ctx:
+    """What every layer's emission needs: the builder, plan formats and qparams."""
+
+    def __init__(self, b: GraphBuilder, model: nn.Module, formats: Mapping[str, Format],
+                 qparams: Mapping[str, torch.Tensor]):
+        self.b, self.model, self.formats, self.qparams = b, model, formats, qparams
+
+    def linear(self, name: str, x: str) -> str:
+        module = self.model.get_submodule(name)
+        fmt = self.formats[name]
+        return emit_linear(self.b, name, x, weight_matrix(module).detach(), module.bias, fmt,
+                           layer_qparams(self.qparams, name, fmt),
+                           act_qparams(self.qparams, name))
+
+    def weight(self, name: str, tensor: torch.Tensor) -> str:
+        return self.b.initializer(name, _np(tensor, self.b.dtype))
+
+
+def _graph_inputs(b: GraphBuilder, layers: int, kv_heads: int, head_dim: int) -> None:
+    b.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+    b.input("attention_mask", TensorProto.INT64, ["batch", "total_seq"])
+    b.input("position_ids", TensorProto.INT64, ["batch", "seq"])
+    for i in range(layers):
+        for kind in ("key", "value"):
+            b.input(f"past_key_values.{i}.{kind}", b.elem_type,
+                    ["batch", kv_heads, "past_seq", head_dim])
+
+
+def _sequence_lengths(b: GraphBuilder) -> tuple[str, str]:
+    """``seqlens_k`` (B,) int32 = tokens per row - 1, and ``total_sequence_length`` int32."""
+    one = b.const("/model/attn_mask/one", [1])
+    (summed,) = b.node("ReduceSum", ["attention_mask", one], name="/model/attn_mask/ReduceSum",
+                       keepdims=0)
+    (minus,) = b.node("Sub", [summed, b.const("/model/attn_mask/one_s", 1)],
+                      name="/model/attn_mask/Sub")
+    (seqlens,) = b.node("Cast", [minus], name="/model/attn_mask/seqlens_k", to=TensorProto.INT32)
+    (shape,) = b.node("Shape", ["attention_mask"], name="/model/attn_mask/Shape")
+    (total,) = b.node("Gather", [shape, b.const("/model/attn_mask/idx1", 1)],
+                      name="/model/attn_mask/Gather", axis=0)
+    (total32,) = b.node("Cast", [total], name="/model/attn_mask/total_seq_len",
+                        to=TensorProto.INT32)
+    return seqlens, total32
+
+
+def _attention(ctx: _Ctx, i: int, x: str, seqlens: str, total: str, cos: str, sin: str) -> str:
+    cfg = ctx.model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    prefix = f"model.layers.{i}.self_attn"
+    q, k, v = (ctx.linear(f"{prefix}.{p}", x) for p in ("q_proj", "k_proj", "v_proj"))
+    out, _, _ = ctx.b.node(
+        "GroupQueryAttention",
+        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
+         cos, sin],
+        [f"{node_prefix(prefix)}/GroupQueryAttention/output", f"present.{i}.key",
+         f"present.{i}.value"],
+        name=f"{node_prefix(prefix)}/GroupQueryAttention", domain=MS_DOMAIN,
+        num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
+    return ctx.linear(f"{prefix}.o_proj", out)
+
+
+def _mlp(ctx: _Ctx, i: int, x: str) -> str:
+    prefix = f"model.layers.{i}.mlp"
+    gate, up = ctx.linear(f"{prefix}.gate_proj", x), ctx.linear(f"{prefix}.up_proj", x)
+    p = node_prefix(prefix)
+    (sig,) = ctx.b.node("Sigmoid", [gate], name=f"{p}/act_fn/Sigmoid")
+    (silu,) = ctx.b.node("Mul", [gate, sig], name=f"{p}/act_fn/Mul")
+    (prod,) = ctx.b.node("Mul", [silu, up], name=f"{p}/Mul")
+    return ctx.linear(f"{prefix}.down_proj", prod)
+
+
+def _rms_norm(ctx: _Ctx, name: str, x: str, gamma: torch.Tensor, eps: float) -> str:
+    """RMSNorm in standard ops (the checker knows them); onnxruntime's optimizer fuses this
+    exact pattern into its SimplifiedLayerNormalization kernel."""
+    b, p = ctx.b, node_prefix(name)
+    (sq,) = b.node("Pow", [x, b.initializer(f"{name}.two", np.array(2.0, b.dtype))],
+                   name=f"{p}/Pow")
+    (mean,) = b.node("ReduceMean", [sq, b.const(f"{name}.axes", [-1])], name=f"{p}/ReduceMean",
+                     keepdims=1)
+    (var,) = b.node("Add", [mean, b.initializer(f"{name}.eps", np.array(eps, b.dtype))],
+                    name=f"{p}/Add")
+    (std,) = b.node("Sqrt", [var], name=f"{p}/Sqrt")
+    (unit,) = b.node("Div", [x, std], name=f"{p}/Div")
+    (out,) = b.node("Mul", [unit, ctx.weight(f"{name}.weight", gamma)], name=f"{p}/Mul")
+    return out
+
+
+def _skip_norm(ctx: _Ctx, name: str, x: str, residual: str, gamma: torch.Tensor, eps: float
+               ) -> tuple[str, str]:
+    """RMSNorm(x + residual) and the sum (the new residual)."""
+    p = node_prefix(name)
+    normed, _, _, summed = ctx.b.node(
+        "SkipSimplifiedLayerNormalization", [x, residual, ctx.weight(f"{name}.weight", gamma)],
+        4, name=f"{p}/SkipLayerNorm", domain=MS_DOMAIN, epsilon=eps)
+    return normed, summed
+
+
+def build_llama(model: nn.Module, formats: Mapping[str, Format],
+                qparams: Mapping[str, torch.Tensor], dtype) -> GraphBuilder:
+    """The whole decoder as a GraphBuilder (``dtype``: activation dtype)."""
+    cfg = model.config
+    b = GraphBuilder(dtype)
+    ctx = _Ctx(b, model, formats, qparams)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    eps = float(cfg.rms_norm_eps)
+    _graph_inputs(b, cfg.num_hidden_layers, kv_heads, head_dim)
+    seqlens, total = _sequence_lengths(b)
+    cos_np, sin_np = _rotary_cache(model, min(cfg.max_position_embeddings, MAX_CACHE_POSITIONS))
+    cos = b.initializer("cos_cache", cos_np.astype(b.dtype))
+    sin = b.initializer("sin_cache", sin_np.astype(b.dtype))
+    emb = ctx.weight("model.embed_tokens.weight", model.model.embed_tokens.weight)
+    (hidden,) = b.node("Gather", [emb, "input_ids"], name="/model/embed_tokens/Gather")
+    layers = model.model.layers
+    x = _rms_norm(ctx, "model.layers.0.input_layernorm", hidden,
+                  layers[0].input_layernorm.weight, eps)
+    residual = hidden
+    for i in range(cfg.num_hidden_layers):
+        attn = _attention(ctx, i, x, seqlens, total, cos, sin)
+        x, residual = _skip_norm(ctx, f"model.layers.{i}.post_attention_layernorm", attn,
+                                 residual, layers[i].post_attention_layernorm.weight, eps)
+        mlp = _mlp(ctx, i, x)
+        if i + 1 < cfg.num_hidden_layers:
+            x, residual = _skip_norm(ctx, f"model.layers.{i + 1}.input_layernorm", mlp,
+                                     residual, layers[i + 1].input_layernorm.weight, eps)
+        else:
+            x, _ = _skip_norm(ctx, "model.norm", mlp, residual, model.model.norm.weight, eps)
+    logits = ctx.linear("lm_head", x)
+    b.node("Identity", [logits], ["logits"], name="/lm_head/output")
+    b.output("logits", b.elem_type, ["batch", "seq", cfg.vocab_size])
+    for i in range(cfg.num_hidden_layers):
+        for kind in ("key", "value"):
+            b.output(f"present.{i}.{kind}", b.elem_type,
+                     ["batch", kv_heads, "total_seq", head_dim])
+    return b

@@ -1,0 +1,89 @@
+"""The GPT-2 decoder graph in ONNX, with the same inputs and outputs as the Llama family's.
+
+Learned positions (``wpe`` gathered at ``position_ids``), a fused QKV projection split in
+three, ``GroupQueryAttention`` without rotary (as many KV heads as heads),
+``SkipLayerNormalization`` for the residual adds and ``FastGelu`` (tanh approximation, as
+GPT-2's ``gelu_new``). Linear layers (``Conv1D``) are emitted as the plan says.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
+from quantcal.export.decoder import _Ctx, _graph_inputs, _sequence_lengths
+from quantcal.formats import Format
+
+
+def _skip_ln(ctx: _Ctx, name: str, x: str, residual: str, ln: nn.LayerNorm
+             ) -> tuple[str, str]:
+    normed, _, _, summed = ctx.b.node(
+        "SkipLayerNormalization",
+        [x, residual, ctx.weight(f"{name}.weight", ln.weight), ctx.weight(f"{name}.bias", ln.bias)],
+        4, name=f"{node_prefix(name)}/SkipLayerNorm", domain=MS_DOMAIN, epsilon=float(ln.eps))
+    return normed, summed
+
+
+def _attention(ctx: _Ctx, i: int, x: str, seqlens: str, total: str) -> str:
+    cfg = ctx.model.config
+    prefix = f"transformer.h.{i}.attn"
+    p = node_prefix(prefix)
+    qkv = ctx.linear(f"{prefix}.c_attn", x)
+    sizes = ctx.b.const(f"{p}/split_sizes", [cfg.n_embd] * 3)
+    q, k, v = ctx.b.node("Split", [qkv, sizes], 3, name=f"{p}/Split", axis=-1)
+    out, _, _ = ctx.b.node(
+        "GroupQueryAttention",
+        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
+        [f"{p}/GroupQueryAttention/output", f"present.{i}.key", f"present.{i}.value"],
+        name=f"{p}/GroupQueryAttention", domain=MS_DOMAIN, num_heads=cfg.n_head,
+        kv_num_heads=cfg.n_head)
+    return ctx.linear(f"{prefix}.c_proj", out)
+
+
+def _mlp(ctx: _Ctx, i: int, x: str) -> str:
+    prefix = f"transformer.h.{i}.mlp"
+    h = ctx.linear(f"{prefix}.c_fc", x)
+    (g,) = ctx.b.node("FastGelu", [h], name=f"{node_prefix(prefix)}/act/FastGelu",
+                      domain=MS_DOMAIN)
+    return ctx.linear(f"{prefix}.c_proj", g)
+
+
+def build_gpt2(model: nn.Module, formats: Mapping[str, Format],
+               qparams: Mapping[str, torch.Tensor], dtype) -> GraphBuilder:
+    """The whole GPT-2 decoder as a GraphBuilder (``dtype``: activation dtype)."""
+    cfg = model.config
+    b = GraphBuilder(dtype)
+    ctx = _Ctx(b, model, formats, qparams)
+    tr = model.transformer
+    head_dim = cfg.n_embd // cfg.n_head
+    _graph_inputs(b, cfg.n_layer, cfg.n_head, head_dim)
+    seqlens, total = _sequence_lengths(b)
+    (tok,) = b.node("Gather", [ctx.weight("transformer.wte.weight", tr.wte.weight), "input_ids"],
+                    name="/transformer/wte/Gather")
+    (pos,) = b.node("Gather", [ctx.weight("transformer.wpe.weight", tr.wpe.weight),
+                               "position_ids"], name="/transformer/wpe/Gather")
+    (hidden,) = b.node("Add", [tok, pos], name="/transformer/embeddings/Add")
+    ln = tr.h[0].ln_1
+    (x,) = b.node("LayerNormalization", [hidden, ctx.weight("transformer.h.0.ln_1.weight",
+                                                            ln.weight),
+                                         ctx.weight("transformer.h.0.ln_1.bias", ln.bias)],
+                  name="/transformer/h.0/ln_1/LayerNorm", axis=-1, epsilon=float(ln.eps))
+    residual = hidden
+    for i in range(cfg.n_layer):
+        attn = _attention(ctx, i, x, seqlens, total)
+        x, residual = _skip_ln(ctx, f"transformer.h.{i}.ln_2", attn, residual, tr.h[i].ln_2)
+        mlp = _mlp(ctx, i, x)
+        nxt = (f"transformer.h.{i + 1}.ln_1", tr.h[i + 1].ln_1) if i + 1 < cfg.n_layer \
+            else ("transformer.ln_f", tr.ln_f)
+        x, residual = _skip_ln(ctx, nxt[0], mlp, residual, nxt[1])
+    logits = ctx.linear("lm_head", x)
+    b.node("Identity", [logits], ["logits"], name="/lm_head/output")
+    b.output("logits", b.elem_type, ["batch", "seq", cfg.vocab_size])
+    for i in range(cfg.n_layer):
+        for kind in ("key", "value"):
+            b.output(f"present.{i}.{kind}", b.elem_type,
+                     ["batch", cfg.n_head, "total_seq", head_dim])
+    return b

@@ -1,0 +1,189 @@
+"""Emission of one quantized linear layer into an ONNX graph, one emitter per format type.
+
+``emit_linear`` looks the emitter up by ``type(fmt)`` (never by name) and appends the nodes
+and initializers of ``y = x @ w_hat^T + b`` to a :class:`GraphBuilder`, where ``w_hat`` is the
+weight :func:`quantcal.fakequant.quantized_weight` gives (the torch reference):
+
+- ``fp16``: ``MatMul`` by the transposed weight, stored in the activation dtype.
+- ``int4-gN`` / ``int8``: ``MatMulNBits`` (com.microsoft) from :func:`pack_matmulnbits`;
+  GPTQ codes when the qparams hold them; zero points only for asymmetric formats.
+- ``w8a8``: QDQ. The input goes through ``QuantizeLinear``/``DequantizeLinear`` with the
+  static uint8 activation scale; the weight is stored as signed int8 ``(K, N)`` with a
+  per-output-channel ``DequantizeLinear(axis=1)``; then ``MatMul``.
+
+A bias is always a separate ``Add``. Nodes are named ``{node_prefix(layer)}/{Op}``
+(``/model/layers.0/mlp/down_proj/MatMulNBits``), initializers ``{layer}.{role}``
+(``model.layers.0.mlp.down_proj.weight_q``), so both are deterministic and unique per layer.
+``planned_op_counts`` and ``graph_op_counts`` count the nodes a plan implies and a graph
+holds, keyed alike. Reads and writes nothing but the builder it is given.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from quantcal import qmath
+from quantcal.errors import QuantcalError
+from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
+from quantcal.formats import FP16, W8A8, BlockQuant, Format, Int4, Int8
+from quantcal.packing import pack_matmulnbits
+
+ACT_BITS = 8
+QParams = Mapping[str, torch.Tensor]
+
+
+def _np(t: torch.Tensor, dtype: np.dtype | type) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy().astype(dtype)
+
+
+def _add_bias(b: GraphBuilder, layer: str, y: str, bias: torch.Tensor | None) -> str:
+    if bias is None:
+        return y
+    name = b.initializer(f"{layer}.bias", _np(bias, b.dtype))  # (N,)
+    return b.node("Add", [y, name], name=f"{node_prefix(layer)}/Add")[0]
+
+
+def _emit_fp16(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: FP16,
+               qp: QParams, act_qp: QParams | None) -> str:
+    wt = b.initializer(f"{layer}.weight", _np(w.t(), b.dtype))  # (K, N)
+    return b.node("MatMul", [x, wt], name=f"{node_prefix(layer)}/MatMul")[0]
+
+
+def _block_codes(fmt: BlockQuant, w: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """The ``(N, K)`` uint8 codes: GPTQ's when present, else rounded from the qparams."""
+    codes = qp.get("codes")
+    if codes is None:
+        codes = qmath.quantize_weight(w.float().cpu(), qp["scale"].cpu(), qp["zero"].cpu(),
+                                      fmt.bits, fmt.group_size)
+    return codes.cpu().to(torch.uint8)
+
+
+def _emit_block(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: BlockQuant,
+                qp: QParams, act_qp: QParams | None) -> str:
+    scale, zero = qp["scale"].cpu().float(), qp["zero"].cpu().float()  # (N, G) each
+    if fmt.symmetric and not bool((zero == float(1 << (fmt.bits - 1))).all()):
+        raise QuantcalError(f"{layer}: {fmt.name} qparams have zero points other than "
+                            f"{1 << (fmt.bits - 1)}; re-run `quantcal calibrate`")
+    packed = pack_matmulnbits(_block_codes(fmt, w, qp), scale,
+                              None if fmt.symmetric else zero, fmt.bits, fmt.group_size)
+    inputs = [
+        x,
+        b.initializer(f"{layer}.weight_q", packed.B.numpy()),  # (N, G, blob) uint8
+        b.initializer(f"{layer}.weight_scales", _np(packed.scales, b.dtype)),  # (N, G)
+    ]
+    if packed.zero_points is not None:  # (N, ceil(G * bits / 8)) uint8
+        inputs.append(b.initializer(f"{layer}.weight_zp", packed.zero_points.numpy()))
+    return b.node("MatMulNBits", inputs, name=f"{node_prefix(layer)}/MatMulNBits",
+                  domain=MS_DOMAIN, K=packed.K, N=packed.N, bits=packed.bits,
+                  block_size=packed.block_size, accuracy_level=0)[0]
+
+
+def _emit_w8a8(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: W8A8,
+               qp: QParams, act_qp: QParams | None) -> str:
+    if act_qp is None:
+        raise QuantcalError(f"{layer}: w8a8 needs the layer's activation qparams; re-run "
+                            "`quantcal calibrate` with w8a8 among --formats")
+    prefix = node_prefix(layer)
+    a_scale = b.initializer(f"{layer}.input_scale", _np(act_qp["scale"].reshape(()), b.dtype))
+    a_zero = b.initializer(f"{layer}.input_zero",
+                           act_qp["zero"].reshape(()).cpu().round().numpy().astype(np.uint8))
+    xq = b.node("QuantizeLinear", [x, a_scale, a_zero], name=f"{prefix}/QuantizeLinear")[0]
+    xdq = b.node("DequantizeLinear", [xq, a_scale, a_zero],
+                 name=f"{prefix}/DequantizeLinear")[0]
+
+    scale, zero = qp["scale"].cpu().float(), qp["zero"].cpu().float()  # (N, 1) each
+    q = qmath.quantize_weight(w.float().cpu(), scale, zero, 8, None)  # (N, K) uint8
+    # (q - z) * s == ((q - 128) - (z - 128)) * s: signed codes, signed zero points
+    q_signed = (q.to(torch.int16) - 128).to(torch.int8).t()  # (K, N)
+    zero_signed = (zero.round().reshape(-1) - 128).to(torch.int8)  # (N,)
+    w_q = b.initializer(f"{layer}.weight_q", q_signed.contiguous().numpy())
+    w_scale = b.initializer(f"{layer}.weight_scale", _np(scale.reshape(-1), b.dtype))  # (N,)
+    w_zero = b.initializer(f"{layer}.weight_zero", zero_signed.numpy())
+    w_dq = b.node("DequantizeLinear", [w_q, w_scale, w_zero],
+                  name=f"{prefix}/weight/DequantizeLinear", axis=1)[0]  # (K, N)
+    return b.node("MatMul", [xdq, w_dq], name=f"{prefix}/MatMul")[0]
+
+
+Emitter = Callable[[GraphBuilder, str, str, torch.Tensor, Format, QParams, QParams | None],
+                   str]
+_EMITTERS: dict[type, Emitter] = {
+    FP16: _emit_fp16, Int4: _emit_block, Int8: _emit_block, W8A8: _emit_w8a8,
+}
+
+
+def emit_linear(b: GraphBuilder, layer: str, x: str, weight: torch.Tensor,
+                bias: torch.Tensor | None, fmt: Format, qp: QParams,
+                act_qp: QParams | None = None) -> str:
+    """Append ``y = x @ w_hat^T + bias`` for one layer in format ``fmt``.
+
+    Args:
+        b: the graph under construction; ``b.dtype`` is the activation dtype.
+        layer: module name (``model.layers.0.mlp.down_proj``); names nodes and initializers.
+        x: name of the input tensor, ``(..., K)`` in ``b.dtype``.
+        weight: the ``(N, K)`` float weight (Conv1D weights transposed first).
+        bias: ``(N,)`` or None.
+        fmt: the layer's format.
+        qp: the layer's qparams for ``fmt`` (``{}`` for fp16).
+        act_qp: static activation ``{scale, zero}`` (w8a8 only).
+    Returns:
+        The name of the output tensor, ``(..., N)`` in ``b.dtype``.
+    """
+    emitter = _EMITTERS.get(type(fmt))
+    if emitter is None:
+        raise QuantcalError(f"{layer}: no ONNX emitter for format {fmt!r}; known: "
+                            + ", ".join(t.__name__ for t in _EMITTERS))
+    y = emitter(b, layer, x, weight.detach(), fmt, qp, act_qp)
+    return _add_bias(b, layer, y, bias)
+
+
+def _block_ops(fmt: BlockQuant) -> dict[str, int]:
+    return {f"MatMulNBits.bits{fmt.bits}": 1}
+
+
+_OPS: dict[type, Callable[[Format], dict[str, int]]] = {
+    FP16: lambda fmt: {"MatMul": 1},
+    Int4: _block_ops,
+    Int8: _block_ops,
+    W8A8: lambda fmt: {"QuantizeLinear": 1, "DequantizeLinear": 2, "MatMul": 1},
+}
+
+
+def planned_op_counts(formats: Mapping[str, Format]) -> dict[str, int]:
+    """Nodes the linear layers of a plan emit, bias ``Add`` aside.
+
+    Keys are ``MatMul``, ``MatMulNBits.bits4``, ``MatMulNBits.bits8``, ``QuantizeLinear``
+    and ``DequantizeLinear`` (only those that occur), as :func:`graph_op_counts` counts them.
+    """
+    total: Counter[str] = Counter()
+    for fmt in formats.values():
+        total.update(_OPS[type(fmt)](fmt))
+    return dict(total)
+
+
+_COUNTED = frozenset({"MatMul", "QuantizeLinear", "DequantizeLinear"})
+
+
+def _op_key(node: onnx.NodeProto) -> str:
+    if node.op_type == "MatMulNBits":
+        bits = next(a.i for a in node.attribute if a.name == "bits")
+        return f"MatMulNBits.bits{bits}"
+    return node.op_type
+
+
+def graph_op_counts(model: onnx.ModelProto, layers: Mapping[str, object] | None = None
+                    ) -> dict[str, int]:
+    """Counts of the op types :func:`planned_op_counts` names, in ``model``, keyed alike.
+
+    Args:
+        layers: when given, count only the nodes of these layers (by name prefix), so that
+            the MatMuls of attention or the head do not mix in.
+    """
+    prefixes = None if layers is None else tuple(node_prefix(n) + "/" for n in layers)
+    keys = [_op_key(n) for n in model.graph.node
+            if prefixes is None or n.name.startswith(prefixes)]
+    return dict(Counter(k for k in keys if k in _COUNTED or k.startswith("MatMulNBits")))

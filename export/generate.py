@@ -1,0 +1,39 @@
+"""``quantcal generate``: greedy text from an exported model, through the session factory
+and the KV-cache runner. The tokenizer comes from the run's model (``run.json``) unless a
+tokenizer folder or id is given."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from quantcal.errors import QuantcalError
+from quantcal.export.runner import DecoderRunner
+from quantcal.export.session import make_session
+from quantcal.rundir import MODEL, RunDir
+
+
+def generate_text(run: RunDir, prompt: str, *, model_path: Path | None = None,
+                  tokenizer: str | None = None, max_new_tokens: int = 64,
+                  provider: str = "auto") -> tuple[str, dict[str, float]]:
+    """The completion of ``prompt`` and figures (provider, tokens, tokens/s)."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_path) if model_path else run.require(MODEL)
+    source = tokenizer or run.read_run().config.model
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise QuantcalError(f"could not load the tokenizer from {source!r} ({exc}); pass "
+                            "--tokenizer DIR") from None
+    session, used = make_session(path, provider)
+    runner = DecoderRunner(session, used)
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    if not ids:
+        raise QuantcalError("the prompt is empty; pass --prompt TEXT")
+    t = time.perf_counter()
+    new = runner.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id)
+    seconds = time.perf_counter() - t
+    return tok.decode(new, skip_special_tokens=True), {
+        "provider": used, "prompt_tokens": len(ids), "new_tokens": len(new),
+        "tokens_per_s": len(new) / max(seconds, 1e-9)}

@@ -1,0 +1,205 @@
+"""Prefill, decode and greedy generation on an exported decoder, KV cache kept on device.
+
+Reads the decoder contract from the session's input and output metadata:
+
+- inputs: ``input_ids`` int64 (B, S); ``attention_mask`` int64 (B, P+S); ``position_ids``
+  int64 (B, S); ``past_key_values.{i}.key`` / ``.value`` (B, kv_heads, P, head_dim) in the
+  activation dtype, for i in 0..L-1 (P may be 0);
+- outputs: ``logits`` (B, S, V); ``present.{i}.key`` / ``.value`` (B, kv_heads, P+S, head_dim).
+
+Each step runs through onnxruntime IO binding: the ``present.*`` OrtValues of one step are
+bound as the ``past_key_values.*`` inputs of the next, so the cache never leaves the
+session's device. Per step only token ids, the attention mask, positions (host -> device)
+and the logits (device -> host) cross over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import onnxruntime as ort
+
+from quantcal.errors import QuantcalError
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ID_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What a session says about the exported decoder."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+    vocab_size: int | None  # None when the graph leaves it symbolic
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers)
+                for kind in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.num_layers)
+                for kind in ("key", "value")]
+
+
+def _not_a_decoder(what: str) -> QuantcalError:
+    return QuantcalError(f"the model is not a quantcal decoder: {what}; "
+                         "re-export it with `quantcal export`")
+
+
+def read_spec(session: ort.InferenceSession) -> DecoderSpec:
+    """Check a session against the decoder contract and read its sizes from the metadata."""
+    inputs = {arg.name: arg for arg in session.get_inputs()}
+    outputs = {arg.name: arg for arg in session.get_outputs()}
+    for name in _ID_INPUTS:
+        if name not in inputs:
+            raise _not_a_decoder(f"input {name!r} is missing")
+    num_layers = sum(1 for name in inputs if name.startswith("past_key_values."))
+    if num_layers == 0 or num_layers % 2:
+        raise _not_a_decoder("no past_key_values.{i}.key/value inputs")
+    num_layers //= 2
+    first = inputs.get("past_key_values.0.key")
+    if first is None or first.type not in _DTYPES:
+        raise _not_a_decoder("past_key_values.0.key is missing or not float16/float32")
+    kv_heads, head_dim = first.shape[1], first.shape[3]
+    if not (isinstance(kv_heads, int) and isinstance(head_dim, int)):
+        raise _not_a_decoder("kv_heads and head_dim of the cache are not fixed sizes")
+    spec = DecoderSpec(num_layers, kv_heads, head_dim, np.dtype(_DTYPES[first.type]),
+                       None)
+    for name in spec.past_names:
+        arg = inputs.get(name)
+        if arg is None or arg.type != first.type or arg.shape[1::2] != [kv_heads, head_dim]:
+            raise _not_a_decoder(f"cache input {name!r} is missing or differs from layer 0")
+    for name in ["logits", *spec.present_names]:
+        if name not in outputs:
+            raise _not_a_decoder(f"output {name!r} is missing")
+    vocab = outputs["logits"].shape[-1]
+    return DecoderSpec(num_layers, kv_heads, head_dim, spec.dtype,
+                       vocab if isinstance(vocab, int) else None)
+
+
+def _as_ids(array: np.ndarray | list, name: str) -> np.ndarray:
+    ids = np.ascontiguousarray(np.asarray(array), dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty (batch, seq) array, got shape {ids.shape}")
+    return ids
+
+
+class DecoderRunner:
+    """Runs one exported decoder session; holds the KV cache of the current sequences."""
+
+    def __init__(self, session: ort.InferenceSession, provider: str):
+        if provider not in ("cuda", "cpu"):
+            raise ValueError(f"provider must be 'cuda' or 'cpu', got {provider!r}")
+        self.session = session
+        self.provider = provider
+        self.spec = read_spec(session)
+        options = session.get_provider_options().get("CUDAExecutionProvider", {})
+        self.device_id = int(options.get("device_id", 0)) if provider == "cuda" else 0
+        self._cache: list[ort.OrtValue] = []  # past of the next step, in spec.past_names order
+        self._mask = np.zeros((0, 0), dtype=np.int64)  # (B, P) on host
+
+    @property
+    def past_length(self) -> int:
+        """P: how many positions the cache holds (0 before prefill)."""
+        return self._cache[0].shape()[2] if self._cache else 0
+
+    def cache_lengths(self) -> list[int]:
+        """P of every cache tensor, read from the device values' shapes (no copy)."""
+        return [value.shape()[2] for value in self._cache]
+
+    def reset(self) -> None:
+        """Drop the cache, freeing its device memory."""
+        self._cache = []
+        self._mask = np.zeros((0, 0), dtype=np.int64)
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None
+                ) -> np.ndarray:
+        """Start new sequences: run ``input_ids`` (B, S) with an empty cache.
+
+        ``attention_mask`` (B, S) defaults to all ones. Returns logits (B, S, V) on host.
+        """
+        ids = _as_ids(input_ids, "input_ids")
+        mask = np.ones_like(ids) if attention_mask is None else _as_ids(attention_mask,
+                                                                       "attention_mask")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {mask.shape} must match input_ids {ids.shape}")
+        self.reset()
+        self._cache = [self._empty_past(ids.shape[0]) for _ in self.spec.past_names]
+        return self._step(ids, mask)
+
+    def decode_step(self, next_ids: np.ndarray) -> np.ndarray:
+        """Append one token per sequence, ``next_ids`` (B, 1); returns logits (B, 1, V)."""
+        ids = _as_ids(next_ids, "next_ids")
+        if not self._cache:
+            raise RuntimeError("decode_step before prefill: there is no cache to extend")
+        if ids.shape != (self._mask.shape[0], 1):
+            raise ValueError(f"next_ids must have shape ({self._mask.shape[0]}, 1), "
+                             f"got {ids.shape}")
+        return self._step(ids, np.concatenate([self._mask, np.ones_like(ids)], axis=1))
+
+    def generate(self, prompt_ids: list[int] | np.ndarray, max_new_tokens: int,
+                 eos_token_id: int | Iterable[int] | None = None,
+                 stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+        """Greedy decoding of one prompt.
+
+        Args:
+            prompt_ids: token ids of the prompt, a list or a (S,) / (1, S) array.
+            max_new_tokens: the most tokens to generate.
+            eos_token_id: token id(s) that end generation; the eos token is returned.
+            stop: called with the tokens generated so far after each one; True ends
+                generation (the last token is kept).
+
+        Returns:
+            The generated token ids, without the prompt.
+        """
+        prompt = _as_ids(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), "prompt_ids")
+        eos = set() if eos_token_id is None else (
+            {int(eos_token_id)} if np.isscalar(eos_token_id) else {int(t) for t in eos_token_id})
+        tokens: list[int] = []
+        if max_new_tokens <= 0:
+            return tokens
+        logits = self.prefill(prompt)
+        while True:
+            tokens.append(int(np.argmax(logits[0, -1])))
+            if (tokens[-1] in eos or len(tokens) >= max_new_tokens
+                    or (stop is not None and stop(tokens))):
+                return tokens
+            logits = self.decode_step(np.array([[tokens[-1]]], dtype=np.int64))
+
+    def _empty_past(self, batch: int) -> ort.OrtValue:
+        shape = [batch, self.spec.kv_heads, 0, self.spec.head_dim]  # (B, kv_heads, 0, head_dim)
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.spec.dtype,
+                                                         self.provider, self.device_id)
+
+    def _device_value(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(array, self.provider, self.device_id)
+
+    def _step(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Run ``ids`` (B, S) after the cache; ``mask`` (B, P+S). Returns logits on host."""
+        seq = ids.shape[1]
+        # positions count the attended tokens before each one: arange(P, P+S) for full masks
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:]
+        binding = self.session.io_binding()
+        feeds = {"input_ids": ids, "attention_mask": mask,
+                 "position_ids": np.ascontiguousarray(positions)}
+        # kept referenced until the run ends: a CPU OrtValue borrows its numpy array's memory
+        values = {name: self._device_value(array) for name, array in feeds.items()}
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.spec.past_names, self._cache):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.spec.present_names:
+            binding.bind_output(name, self.provider, self.device_id)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()  # in the order bound above
+        self._cache = list(present)
+        self._mask = mask
+        return logits.numpy()
