@@ -170,11 +170,17 @@ def build_llama(model: nn.Module, formats: Mapping[str, Format],
                                      residual, layers[i + 1].input_layernorm.weight, eps)
         else:
             x, _ = _skip_norm(ctx, "model.norm", mlp, residual, model.model.norm.weight, eps)
-    logits = ctx.linear("lm_head", x)
+    graph_outputs(b, ctx.linear("lm_head", x), cfg.num_hidden_layers, kv_heads, head_dim,
+                  cfg.vocab_size)
+    return b
+
+
+def graph_outputs(b: GraphBuilder, logits: str, layers: int, kv_heads: int, head_dim: int,
+                  vocab: int) -> None:
+    """Declare ``logits`` and the ``present.*`` cache outputs (the decoder contract)."""
     b.node("Identity", [logits], ["logits"], name="/lm_head/output")
-    b.output("logits", b.elem_type, ["batch", "seq", cfg.vocab_size])
-    for i in range(cfg.num_hidden_layers):
+    b.output("logits", b.elem_type, ["batch", "seq", vocab])
+    for i in range(layers):
         for kind in ("key", "value"):
             b.output(f"present.{i}.{kind}", b.elem_type,
                      ["batch", kv_heads, "total_seq", head_dim])
-    return b

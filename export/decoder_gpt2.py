@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
-from quantcal.export.decoder import _Ctx, _graph_inputs, _sequence_lengths
+from quantcal.export.decoder import _Ctx, _graph_inputs, _sequence_lengths, graph_outputs
 from quantcal.formats import Format
 
 
@@ -79,11 +79,6 @@ def build_gpt2(model: nn.Module, formats: Mapping[str, Format],
         nxt = (f"transformer.h.{i + 1}.ln_1", tr.h[i + 1].ln_1) if i + 1 < cfg.n_layer \
             else ("transformer.ln_f", tr.ln_f)
         x, residual = _skip_ln(ctx, nxt[0], mlp, residual, nxt[1])
-    logits = ctx.linear("lm_head", x)
-    b.node("Identity", [logits], ["logits"], name="/lm_head/output")
-    b.output("logits", b.elem_type, ["batch", "seq", cfg.vocab_size])
-    for i in range(cfg.n_layer):
-        for kind in ("key", "value"):
-            b.output(f"present.{i}.{kind}", b.elem_type,
-                     ["batch", cfg.n_head, "total_seq", head_dim])
+    graph_outputs(b, ctx.linear("lm_head", x), cfg.n_layer, cfg.n_head, head_dim,
+                  cfg.vocab_size)
     return b

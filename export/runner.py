@@ -119,11 +119,12 @@ class DecoderRunner:
         self._cache = []
         self._mask = np.zeros((0, 0), dtype=np.int64)
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None
-                ) -> np.ndarray:
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                *, host_logits: bool = True) -> np.ndarray | ort.OrtValue:
         """Start new sequences: run ``input_ids`` (B, S) with an empty cache.
 
-        ``attention_mask`` (B, S) defaults to all ones. Returns logits (B, S, V) on host.
+        ``attention_mask`` (B, S) defaults to all ones. Returns logits (B, S, V) on host, or
+        left on the device as an OrtValue with ``host_logits=False`` (benchmarks).
         """
         ids = _as_ids(input_ids, "input_ids")
         mask = np.ones_like(ids) if attention_mask is None else _as_ids(attention_mask,
@@ -132,7 +133,7 @@ class DecoderRunner:
             raise ValueError(f"attention_mask {mask.shape} must match input_ids {ids.shape}")
         self.reset()
         self._cache = [self._empty_past(ids.shape[0]) for _ in self.spec.past_names]
-        return self._step(ids, mask)
+        return self._step(ids, mask, host_logits)
 
     def decode_step(self, next_ids: np.ndarray) -> np.ndarray:
         """Append one token per sequence, ``next_ids`` (B, 1); returns logits (B, 1, V)."""
@@ -181,8 +182,9 @@ class DecoderRunner:
     def _device_value(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(array, self.provider, self.device_id)
 
-    def _step(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Run ``ids`` (B, S) after the cache; ``mask`` (B, P+S). Returns logits on host."""
+    def _step(self, ids: np.ndarray, mask: np.ndarray, host_logits: bool = True
+              ) -> np.ndarray | ort.OrtValue:
+        """Run ``ids`` (B, S) after the cache; ``mask`` (B, P+S). Returns the logits."""
         seq = ids.shape[1]
         # positions count the attended tokens before each one: arange(P, P+S) for full masks
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:]
@@ -195,11 +197,14 @@ class DecoderRunner:
             binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.spec.past_names, self._cache):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        if host_logits:
+            binding.bind_output("logits", "cpu")
+        else:
+            binding.bind_output("logits", self.provider, self.device_id)
         for name in self.spec.present_names:
             binding.bind_output(name, self.provider, self.device_id)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()  # in the order bound above
         self._cache = list(present)
         self._mask = mask
-        return logits.numpy()
+        return logits.numpy() if host_logits else logits

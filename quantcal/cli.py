@@ -284,20 +284,37 @@ def eval_(**opts) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--baseline", "baselines", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="bench MODEL: other exports to measure side by side (e.g. the fp16 one).")
+@click.option("--prompt-len", type=int, default=1024, show_default=True,
+              help="bench MODEL: prompt length for prefill tokens/s.")
+@click.option("--new-tokens", type=int, default=128, show_default=True,
+              help="bench MODEL: greedy steps for decode tokens/s.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              show_default=True, help="bench MODEL: onnxruntime provider.")
 @run_option
-def bench(target, as_json, **opts) -> None:
+def bench(target, as_json, baselines, prompt_len, new_tokens, provider, **opts) -> None:
     """Measure speed. TARGET is `calibrate` (statistic-hook overhead against a plain
     forward pass, calibration tokens/s) or an exported .onnx model (prefill and decode
-    tokens/s, peak memory, size, against the FP16 export)."""
-    if target != "calibrate":
-        _not_yet(f"bench {target or 'MODEL'}")
+    tokens/s, peak memory, size; --baseline adds other exports side by side). Without
+    TARGET: the run directory's model.onnx."""
     import json
 
-    from quantcal.calibrate.bench import format_bench, run_bench_calibrate
+    if target == "calibrate":
+        from quantcal.calibrate.bench import format_bench, run_bench_calibrate
 
-    opts.pop("run")
-    result = run_bench_calibrate(**opts)
-    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+        opts.pop("run")
+        result = run_bench_calibrate(**opts)
+        click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+        return
+    from quantcal.export.bench import bench_model, format_model_bench
+    from quantcal.rundir import MODEL, RunDir
+
+    models = [Path(target) if target else RunDir(opts["run"]).require(MODEL), *baselines]
+    rows = [bench_model(m, provider=provider, batch=opts["batch_size"], prompt_len=prompt_len,
+                        new_tokens=new_tokens) for m in models]
+    click.echo(json.dumps(rows, indent=2) if as_json else format_model_bench(rows))
 
 
 @cli.command()

@@ -85,7 +85,7 @@ def test_invalid_toml_is_one_line(runner, tmp_path):
     assert res.exit_code == 2 and "not valid TOML" in res.output
 
 
-NOT_YET = ["eval", "bench"]
+NOT_YET = ["eval"]
 
 
 @pytest.mark.parametrize("name", NOT_YET)
