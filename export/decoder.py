@@ -71,19 +71,19 @@ def _graph_inputs(b: GraphBuilder, layers: int, kv_heads: int, head_dim: int) ->
 
 
 def _sequence_lengths(b: GraphBuilder) -> tuple[str, str]:
-    """``seqlens_k`` (B,) int32 = tokens per row - 1, and ``total_sequence_length`` int32."""
+    """``seqlens_k`` (B,) int32 = tokens per row - 1 (from the mask's row sums, on the
+    device), and ``total_sequence_length``: an int32 scalar graph input (P + S) that the
+    runner feeds from host memory, where GroupQueryAttention reads it. Computing it in the
+    graph needs a ``Shape`` subgraph, which onnxruntime keeps on the CPU and a session with
+    CPU fallback disabled refuses."""
     one = b.const("/model/attn_mask/one", [1])
     (summed,) = b.node("ReduceSum", ["attention_mask", one], name="/model/attn_mask/ReduceSum",
                        keepdims=0)
-    (minus,) = b.node("Sub", [summed, b.const("/model/attn_mask/one_s", 1)],
-                      name="/model/attn_mask/Sub")
-    (seqlens,) = b.node("Cast", [minus], name="/model/attn_mask/seqlens_k", to=TensorProto.INT32)
-    (shape,) = b.node("Shape", ["attention_mask"], name="/model/attn_mask/Shape")
-    (total,) = b.node("Gather", [shape, b.const("/model/attn_mask/idx1", 1)],
-                      name="/model/attn_mask/Gather", axis=0)
-    (total32,) = b.node("Cast", [total], name="/model/attn_mask/total_seq_len",
-                        to=TensorProto.INT32)
-    return seqlens, total32
+    (summed32,) = b.node("Cast", [summed], name="/model/attn_mask/Cast", to=TensorProto.INT32)
+    (seqlens,) = b.node("Sub", [summed32, b.const("/model/attn_mask/one_s", 1, np.int32)],
+                        name="/model/attn_mask/seqlens_k")
+    total = b.input("total_sequence_length", TensorProto.INT32, [])
+    return seqlens, total
 
 
 def _attention(ctx: _Ctx, i: int, x: str, seqlens: str, total: str, cos: str, sin: str) -> str:

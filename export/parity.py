@@ -46,7 +46,8 @@ class _Decoder:
         b, s = ids.shape
         p = next(iter(cache.values())).shape[2]
         feeds = {"input_ids": ids, "attention_mask": np.ones((b, p + s), np.int64),
-                 "position_ids": np.tile(np.arange(p, p + s, dtype=np.int64), (b, 1)), **cache}
+                 "position_ids": np.tile(np.arange(p, p + s, dtype=np.int64), (b, 1)),
+                 "total_sequence_length": np.array(p + s, np.int32), **cache}
         out = dict(zip(self.outputs, self.sess.run(None, feeds)))
         new = {f"past_key_values.{k[len('present.'):]}": v for k, v in out.items()
                if k.startswith("present.")}

@@ -102,6 +102,7 @@ class DecoderRunner:
         self.spec = read_spec(session)
         options = session.get_provider_options().get("CUDAExecutionProvider", {})
         self.device_id = int(options.get("device_id", 0)) if provider == "cuda" else 0
+        self._wants_total = any(i.name == "total_sequence_length" for i in session.get_inputs())
         self._cache: list[ort.OrtValue] = []  # past of the next step, in spec.past_names order
         self._mask = np.zeros((0, 0), dtype=np.int64)  # (B, P) on host
 
@@ -195,6 +196,11 @@ class DecoderRunner:
         values = {name: self._device_value(array) for name, array in feeds.items()}
         for name, value in values.items():
             binding.bind_ortvalue_input(name, value)
+        if self._wants_total:  # read on the host by GroupQueryAttention
+            total = np.array(mask.shape[1], dtype=np.int32)
+            values["total_sequence_length"] = ort.OrtValue.ortvalue_from_numpy(total)
+            binding.bind_ortvalue_input("total_sequence_length",
+                                        values["total_sequence_length"])
         for name, value in zip(self.spec.past_names, self._cache):
             binding.bind_ortvalue_input(name, value)
         if host_logits:
