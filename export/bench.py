@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantcal.export.runner import DecoderRunner
-from quantcal.export.session import make_session
+from quantcal.runner import DecoderRunner
+from quantcal.session import make_session
 
 
 class _PeakMemory:

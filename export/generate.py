@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from quantcal.errors import QuantcalError
-from quantcal.export.runner import DecoderRunner
-from quantcal.export.session import make_session
+from quantcal.runner import DecoderRunner
+from quantcal.session import make_session
 from quantcal.rundir import MODEL, RunDir
 
 

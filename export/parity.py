@@ -21,7 +21,7 @@ WINDOWS, WINDOW_LEN, PROMPT_LEN, NEW_TOKENS = 2, 16, 6, 8
 
 
 def _session(path: Path, provider: str) -> ort.InferenceSession:
-    from quantcal.export.session import make_session
+    from quantcal.session import make_session
 
     return make_session(path, provider)[0]
 

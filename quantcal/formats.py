@@ -142,7 +142,7 @@ class W8A8(Format):
         return 8
 
     def weight_bytes(self, n: int, k: int) -> int:
-        return n * k + n * 4  # int8 codes + one fp32 scale per output channel
+        return n * k + n * SCALE_BITS // 8  # int8 codes + one scale per output channel
 
 
 _PATTERN = re.compile(r"^(fp16|w8a8|int8|int4)(?:-g(\d+))?(-sym)?$")

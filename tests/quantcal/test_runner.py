@@ -17,8 +17,8 @@ from onnx import TensorProto
 
 from quantcal.errors import QuantcalError
 from quantcal.export.builder import GraphBuilder, save_model
-from quantcal.export.runner import DecoderRunner, read_spec
-from quantcal.export.session import make_session
+from quantcal.runner import DecoderRunner, read_spec
+from quantcal.session import make_session
 
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB, MAX_POS = 2, 2, 4, 16, 64
 HIDDEN = KV_HEADS * HEAD_DIM
