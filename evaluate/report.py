@@ -8,7 +8,7 @@ present); writes ``report.md`` atomically. Sections for files that are absent ar
 from __future__ import annotations
 
 from quantcal.config import Plan, RunRecord
-from quantcal.rundir import PLAN, REPORT, RunDir, atomic_write_bytes
+from quantcal.rundir import PLAN, REPORT, RunDir, atomic_path, atomic_write_bytes
 
 
 def _plan_section(plan: Plan) -> list[str]:
@@ -34,6 +34,74 @@ def _plan_section(plan: Plan) -> list[str]:
     return lines + [""]
 
 
+PRIMARY = {"hellaswag": "acc_norm", "gsm8k": "exact_match_flexible",
+           "wikitext2": "perplexity", "c4": "perplexity"}
+
+
+def _eval_section(run: RunDir) -> list[str]:
+    from quantcal.evaluate.evaluator import read_eval
+
+    record = read_eval(run)
+    if not record.variants:
+        return []
+    labels = list(record.variants)
+    lines = ["## Accuracy, size and speed", "",
+             "| task | metric | " + " | ".join(labels) + " |",
+             "| --- | --- |" + " ---: |" * len(labels)]
+    rows = sorted({(t, m) for v in record.variants.values() for t, ms in v.metrics.items()
+                   for m in ms if m != "scored_tokens"})
+    for task, metric in rows:
+        cells = []
+        for lbl in labels:
+            value = record.variants[lbl].metrics.get(task, {}).get(metric)
+            cells.append("-" if value is None else f"{value[0]:.4f}" + (
+                f" ± {value[1]:.4f}" if value[1] is not None else ""))
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    lines.append("| size | MB | " + " | ".join(
+        f"{record.variants[lbl].size_bytes / 1e6:.1f}" for lbl in labels) + " |")
+    for key, name in (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s")):
+        lines.append(f"| speed | {name} | " + " | ".join(
+            f"{record.variants[lbl].speed[key]:,.0f}" if key in record.variants[lbl].speed
+            else "-" for lbl in labels) + " |")
+    docs = "; ".join(f"{t}: {n} docs" for t, n in next(iter(record.variants.values()))
+                     .docs.items())
+    lines += ["", f"Standard errors as lm-evaluation-harness computes them ({docs}).", ""]
+    if _plot_accuracy_vs_size(record, run.file("accuracy_vs_size.png")):
+        lines += ["![accuracy vs size](accuracy_vs_size.png)", ""]
+    return lines
+
+
+def _plot_accuracy_vs_size(record, path) -> bool:
+    """One panel per task: its primary metric against model size, every variant a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in PRIMARY if any(t in v.metrics for v in record.variants.values())]
+    if not tasks:
+        return False
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), dpi=120,
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = PRIMARY[task]
+        for label, v in record.variants.items():
+            if task in v.metrics and metric in v.metrics[task]:
+                value, err = v.metrics[task][metric]
+                ax.errorbar(v.size_bytes / 1e6, value, yerr=err or 0, fmt="o", capsize=3,
+                            label=label)
+        ax.set_xlabel("model size (MB)")
+        ax.set_ylabel(f"{task} {metric}" + (" (lower is better)" if metric == "perplexity"
+                                            else ""))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
 def write_report(run: RunDir) -> str:
     """Write ``report.md`` into ``run`` and return its text."""
     record: RunRecord = run.read_run()
@@ -49,6 +117,7 @@ def write_report(run: RunDir) -> str:
         lines += ["## Layer sensitivity", "",
                   "Damage of each candidate format per layer (model order); circles mark the "
                   "plan's choice.", "", "![sensitivity](sensitivity.png)", ""]
+    lines += _eval_section(run)
     text = "\n".join(lines)
     atomic_write_bytes(run.file(REPORT), text.encode())
     return text

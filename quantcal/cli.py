@@ -254,9 +254,18 @@ def generate(**opts) -> None:
 @click.option("--limit", type=int, help="Score the first N documents of each task.")
 @click.option("--sample", type=int, help="Score a random subset of N documents (see --seed).")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed for --sample.")
-@click.option("--provider", type=click.Choice(["cuda", "cpu"]),
-              help="onnxruntime provider (default: cuda when it works, else cpu).")
-@click.option("--baseline", is_flag=True, help="Also evaluate the source FP model the same way.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              show_default=True,
+              help="onnxruntime provider (auto: cuda when it works, else cpu).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device of torch backends (the source model, the baseline).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, help="Perplexity window (default 2048, or the model's "
+              "limit if smaller).")
+@click.option("--stride", type=int, help="Perplexity stride (default: --seq-len, disjoint "
+              "windows).")
+@click.option("--baseline", is_flag=True,
+              help="Also evaluate the source FP model (torch) the same way, side by side.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Local folder laid out like shared/data (or set $QUANTCAL_DATA_DIR).")
 @run_option
@@ -265,8 +274,20 @@ def eval_(**opts) -> None:
 
     MODEL is a Hugging Face id or folder (torch backend) or an .onnx file or run
     directory (onnxruntime backend); without it, the run directory's model.onnx.
+    HellaSwag and GSM8K follow lm-evaluation-harness (acc/acc_norm; 5-shot GSM8K with
+    strict-match and flexible-extract); perplexity uses sliding windows.
     """
-    _not_yet("eval")
+    from quantcal.evaluate.api import evaluate
+    from quantcal.evaluate.evaluator import format_results
+    from quantcal.rundir import RunDir
+
+    tasks = [t.strip() for t in opts["tasks"].split(",") if t.strip()]
+    record = evaluate(opts["model"], RunDir(opts["run"]), tasks, limit=opts["limit"],
+                      sample=opts["sample"], seed=opts["seed"], provider=opts["provider"],
+                      data_dir=opts["data_dir"], baseline=opts["baseline"],
+                      device=opts["device"], batch_size=opts["batch_size"],
+                      seq_len=opts["seq_len"], stride=opts["stride"])
+    click.echo(format_results(record))
 
 
 @cli.command()
@@ -308,7 +329,7 @@ def bench(target, as_json, baselines, prompt_len, new_tokens, provider, **opts) 
         result = run_bench_calibrate(**opts)
         click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
         return
-    from quantcal.export.bench import bench_model, format_model_bench
+    from quantcal.evaluate.speed import bench_model, format_model_bench
     from quantcal.rundir import MODEL, RunDir
 
     models = [Path(target) if target else RunDir(opts["run"]).require(MODEL), *baselines]

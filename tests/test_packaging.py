@@ -25,6 +25,7 @@ def test_regular_install_has_stage_subpackages(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("quantcal-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    assert "quantcal/evaluate/tasks/__init__.py" in names
     for stage in STAGES:
         assert f"quantcal/{stage}/__init__.py" in names
         assert not any(n.startswith(f"{stage}/") for n in names)

@@ -84,13 +84,3 @@ def test_invalid_toml_is_one_line(runner, tmp_path):
     res = runner.invoke(cli, ["export"])
     assert res.exit_code == 2 and "not valid TOML" in res.output
 
-
-NOT_YET = ["eval"]
-
-
-@pytest.mark.parametrize("name", NOT_YET)
-def test_unbuilt_stages_say_so_in_one_line(runner, name):
-    res = runner.invoke(cli, [name])
-    assert res.exit_code != 0
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "not yet available" in lines[0]

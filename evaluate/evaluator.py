@@ -1,0 +1,152 @@
+"""``evaluate``: the stage's entry point; runs tasks on a backend and writes ``eval.json``.
+
+Every task runs the same way: documents are loaded, their requests answered by the backend
+in batches grouped by request type (log-likelihoods together, generations together,
+perplexity windows one by one), then scored and aggregated with standard errors.
+``eval.json`` keeps one entry per evaluated variant (the quantized export, the FP baseline,
+...), so ``quantcal report`` can compare them; a re-run replaces that variant's entry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from tqdm.auto import tqdm
+
+from quantcal.config import Strict
+from quantcal.errors import QuantcalError
+from quantcal.evaluate.tasks import (
+    GenerateRequest, LoglikelihoodRequest, PerplexityWindow, get_task,
+)
+from quantcal.rundir import EVAL_JSON, RunDir, atomic_write_json, read_json
+
+
+@dataclass(frozen=True)
+class VariantResult(Strict):
+    """One evaluated model: metrics ``{task: {metric: [value, stderr]}}`` and what it costs."""
+
+    model: str
+    backend: str
+    metrics: dict[str, dict[str, list[float | None]]]
+    docs: dict[str, int] = field(default_factory=dict)
+    size_bytes: int = 0
+    speed: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalRecord(Strict):
+    """``eval.json``: every evaluated variant of this run, by label."""
+
+    versioned: ClassVar[bool] = True
+
+    variants: dict[str, VariantResult] = field(default_factory=dict)
+
+
+def _answer(backend, requests: Sequence, progress: bool, label: str) -> list[Any]:
+    """Responses in request order, each request type answered in one batched call."""
+    out: list[Any] = [None] * len(requests)
+    ll = [(i, r) for i, r in enumerate(requests) if isinstance(r, LoglikelihoodRequest)]
+    gen = [(i, r) for i, r in enumerate(requests) if isinstance(r, GenerateRequest)]
+    ppl = [(i, r) for i, r in enumerate(requests) if isinstance(r, PerplexityWindow)]
+    if ll:
+        for (i, _), res in zip(ll, backend.loglikelihood([(r.context, r.continuation)
+                                                          for _, r in ll])):
+            out[i] = res
+    for i, r in tqdm(gen, desc=f"{label} generate", disable=not progress or not gen):
+        out[i] = backend.generate_until([(r.context, tuple(r.until), r.max_new_tokens)])[0]
+    for i, r in tqdm(ppl, desc=f"{label} windows", disable=not progress or not ppl):
+        logp = backend.token_logprobs(list(r.input_ids))  # log p(token j+1 | prefix)
+        out[i] = float(-logp[max(r.score_from - 1, 0):].sum())
+    return out
+
+
+PERPLEXITY_TASKS = ("wikitext2", "c4")
+
+
+def _task(name: str, backend, seq_len: int | None, stride: int | None):
+    """The task, perplexity windows sized to ``--seq-len``/``--stride`` and the model."""
+    if name not in PERPLEXITY_TASKS:
+        return get_task(name)
+    length = min(seq_len or 2048, backend.max_length)
+    return get_task(name, seq_len=length, stride=min(stride or length, length))
+
+
+def run_task(name: str, backend, *, data_dir: Path | None, limit: int | None,
+             sample: int | None, seed: int, seq_len: int | None = None,
+             stride: int | None = None, progress: bool = True) -> tuple[dict, int]:
+    """Metrics ``{metric: [value, stderr]}`` of one task, and the number of documents."""
+    task = _task(name, backend, seq_len, stride)
+    docs = task.load(data_dir, limit=limit, sample=sample, seed=seed,
+                     tokenizer=backend.tokenizer)
+    if not docs:
+        raise QuantcalError(f"{name}: no documents to evaluate (check --limit/--sample)")
+    per_doc = []
+    chunk = 64  # documents per batch of requests: progress and bounded memory
+    bar = tqdm(total=len(docs), desc=name, unit="doc", disable=not progress)
+    for start in range(0, len(docs), chunk):
+        part = docs[start:start + chunk]
+        reqs = [task.requests(d) for d in part]
+        flat = [r for rs in reqs for r in rs]
+        answers = iter(_answer(backend, flat, progress and len(part) > 1, name))
+        per_doc += [task.score(d, [next(answers) for _ in rs]) for d, rs in zip(part, reqs)]
+        bar.update(len(part))
+    bar.close()
+    metrics = {k: [m.value, m.stderr] for k, m in task.aggregate(per_doc).items()}
+    return metrics, len(docs)
+
+
+def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
+                     data_dir: Path | None, limit: int | None, sample: int | None,
+                     seed: int, seq_len: int | None = None, stride: int | None = None,
+                     size_bytes: int = 0, speed: dict | None = None,
+                     progress: bool = True) -> VariantResult:
+    """Run ``tasks`` on ``backend`` and store the result under ``label`` in ``eval.json``."""
+    t = time.perf_counter()
+    metrics, docs = {}, {}
+    for name in tasks:
+        metrics[name], docs[name] = run_task(name, backend, data_dir=data_dir, limit=limit,
+                                             sample=sample, seed=seed, seq_len=seq_len,
+                                             stride=stride, progress=progress)
+    result = VariantResult(model=label, backend=backend.name, metrics=metrics, docs=docs,
+                           size_bytes=size_bytes, speed=speed or {},
+                           seconds=time.perf_counter() - t)
+    record = read_eval(run)
+    atomic_write_json(run.file(EVAL_JSON),
+                      EvalRecord(variants={**record.variants, label: result}))
+    return result
+
+
+def read_eval(run: RunDir) -> EvalRecord:
+    if not run.has(EVAL_JSON):
+        return EvalRecord()
+    return EvalRecord.from_dict(read_json(run.file(EVAL_JSON), "quantcal eval"),
+                                where=EVAL_JSON)
+
+
+def format_results(record: EvalRecord) -> str:
+    """A terminal table: one row per (task, metric), one column per variant."""
+    labels = list(record.variants)
+    rows = sorted({(t, m) for v in record.variants.values() for t, ms in v.metrics.items()
+                   for m in ms})
+    width = max([len(lbl) for lbl in labels] + [18])
+    lines = [f"{'task':10} {'metric':22} " + " ".join(f"{lbl:>{width}}" for lbl in labels)]
+    for task, metric in rows:
+        cells = []
+        for lbl in labels:
+            value = record.variants[lbl].metrics.get(task, {}).get(metric)
+            if value is None:
+                cells.append(f"{'-':>{width}}")
+            else:
+                v, se = value
+                cells.append(f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+                             .rjust(0))
+                cells[-1] = cells[-1].rjust(width)
+        lines.append(f"{task:10} {metric:22} " + " ".join(cells))
+    sizes = " ".join(f"{record.variants[lbl].size_bytes / 1e6:>{width - 3}.1f} MB"
+                     for lbl in labels)
+    lines.append(f"{'size':10} {'':22} {sizes}")
+    return "\n".join(lines)

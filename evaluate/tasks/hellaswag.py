@@ -1,0 +1,74 @@
+"""HellaSwag validation, 0-shot, as lm-evaluation-harness's ``hellaswag`` task: the
+WikiHow cleanup, one log-likelihood request per ending, acc and acc_norm.
+
+Reads the split through :mod:`.data`; writes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .base import LoglikelihoodRequest, mean_metrics, select
+from .data import Source, load_rows
+
+
+def preprocess(text: str) -> str:
+    """lm-eval's HellaSwag cleanup of WikiHow artefacts ([title], [header], [step], ...)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+@dataclass(frozen=True)
+class HellaswagDoc:
+    query: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def hellaswag_doc(row: Mapping[str, Any]) -> HellaswagDoc:
+    """A document from a hub/original row (``ctx_a``, ``ctx_b``: lm-eval's process_docs) or
+    from the llama.cpp-derived local row (``ctx``: already preprocessed, used as given)."""
+    if "ctx_a" in row:
+        ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+        return HellaswagDoc(preprocess(row["activity_label"] + ": " + ctx),
+                            tuple(preprocess(e) for e in row["endings"]), int(row["label"]))
+    return HellaswagDoc(row["activity_label"] + ": " + row["ctx"], tuple(row["endings"]),
+                        int(row["label"]))
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # first of ties, as np.argmax
+
+
+@dataclass(frozen=True)
+class HellaSwag:
+    """HellaSwag validation, 0-shot: acc and acc_norm (log-likelihood over characters)."""
+    name: str = "hellaswag"
+    source: Source = Source("hellaswag", ("hellaswag/hellaswag_val.jsonl",
+                                          "hellaswag/hellaswag_val.llamacpp_derived.jsonl.gz"),
+                            {"path": "Rowan/hellaswag", "split": "validation"})
+
+    def load(self, data_dir=None, *, limit=None, sample=None, seed=1234, tokenizer=None):
+        docs = [hellaswag_doc(r) for r in load_rows(self.source, data_dir)]
+        return select(docs, limit, sample, seed)
+
+    def requests(self, doc: HellaswagDoc) -> list[LoglikelihoodRequest]:
+        return [LoglikelihoodRequest(doc.query, " " + c) for c in doc.choices]
+
+    def score(self, doc: HellaswagDoc, responses: Sequence) -> dict[str, float]:
+        """``responses``: one ``(logprob, is_greedy)`` per choice. acc_norm divides each
+        logprob by the choice's length in characters, without the leading space, exactly
+        as lm-eval (``len(doc_to_choice(doc)[i])``)."""
+        if len(responses) != len(doc.choices):
+            raise ValueError(f"{len(responses)} responses for {len(doc.choices)} choices")
+        lls = [float(r[0]) for r in responses]
+        normed = [ll / max(len(c), 1) for ll, c in zip(lls, doc.choices)]
+        return {"acc": float(_argmax(lls) == doc.gold),
+                "acc_norm": float(_argmax(normed) == doc.gold)}
+
+    def aggregate(self, per_doc):
+        return mean_metrics(per_doc)

@@ -1,0 +1,52 @@
+"""`quantcal eval` end to end on a tiny model: the exported all-fp16 model and the torch
+baseline give the same numbers; eval.json keeps both variants; the report shows them."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from quantcal.cli import cli
+from quantcal.evaluate.evaluator import read_eval
+from quantcal.rundir import RunDir
+
+
+def _ok(args):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_llama_dir, shared_data):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    _ok(["calibrate", "--model", str(tiny_llama_dir), "--data",
+         str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4", "--seq-len",
+         "32", "--sensitivity", "fast", "--sensitivity-samples", "2", "--keep", "*",
+         "--run", str(run)])
+    _ok(["export", "--provider", "cpu", "--run", str(run)])
+    return RunDir(run)
+
+
+def test_eval_onnx_and_baseline_agree(exported, shared_data):
+    out = _ok(["eval", "--run", str(exported.path), "--tasks", "hellaswag,wikitext2",
+               "--limit", "6", "--provider", "cpu", "--baseline", "--data-dir",
+               str(shared_data)])
+    assert "acc_norm" in out and "perplexity" in out
+    record = read_eval(exported)
+    assert len(record.variants) == 2
+    onnx, torch_ = (record.variants[k] for k in sorted(record.variants,
+                                                         key=lambda k: k.startswith("base")))
+    assert onnx.metrics["hellaswag"]["acc_norm"][0] == torch_.metrics["hellaswag"]["acc_norm"][0]
+    p1, p2 = onnx.metrics["wikitext2"]["perplexity"][0], torch_.metrics["wikitext2"]["perplexity"][0]
+    assert p1 == pytest.approx(p2, rel=1e-3)
+    assert onnx.docs["hellaswag"] == 6 and onnx.speed["decode_tok_s"] > 0
+    _ok(["report", "--run", str(exported.path)])
+    text = exported.file("report.md").read_text()
+    assert "## Accuracy, size and speed" in text and exported.has("accuracy_vs_size.png")
+
+
+def test_eval_unknown_task_is_one_line(exported):
+    res = CliRunner().invoke(cli, ["eval", "--run", str(exported.path), "--tasks", "mmlu",
+                                   "--provider", "cpu"])
+    assert res.exit_code == 2 and "mmlu" in res.output and "Traceback" not in res.output
