@@ -6,11 +6,14 @@ Without --model it builds a tiny random Llama (weights + a tokenizer trained on 
 sample) in a temporary folder, so it runs anywhere in seconds. With --model, point it at
 any local Hugging Face causal-LM folder (e.g. the SmolLM2-135M build of shared/ASSETS.md).
 
-What it does today (it grows with each stage):
-  1. quantcal calibrate: statistics and qparams from the local C4 sample into --run;
+What it does (it grows with each stage):
+  1. quantcal calibrate: statistics, qparams, sensitivity and a plan from the local C4
+     sample into --run;
   2. reads the run directory back and, for one layer, packs its calibrated int4-g128 and
      int8 qparams in onnxruntime's MatMulNBits layout, runs that layer through onnxruntime
-     and checks it against the torch reference.
+     and checks it against the torch reference;
+  3. quantcal export (verified against torch), quantcal generate, quantcal eval against the
+     FP baseline on local HellaSwag and WikiText-2, and quantcal report.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -98,11 +102,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or build_tiny_model(Path(tmp) / "tiny-llama", args.data)
         run = args.run or Path(tmp) / "run"
-        cmd = ["quantcal", "calibrate", "--model", str(model_dir), "--data", str(args.data),
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-               "--run", str(run), "--device", "cpu", "--overwrite"]
-        print("$", " ".join(cmd))
-        subprocess.run(cmd, check=True)
+        _run(["quantcal", "calibrate", "--model", str(model_dir), "--data", str(args.data),
+              "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+              "--formats", "int8,int4-g128,int4-g32", "--sensitivity-samples", "4",
+              "--run", str(run), "--device", "cpu", "--overwrite"])
         qparams, _ = RunDir(run).load_tensors(QPARAMS, QPARAMS_KIND)
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -115,6 +118,21 @@ def main() -> None:
             print(f"  {name} as {fmt.name}: onnxruntime MatMulNBits vs torch reference, "
                   f"max |diff| = {err:.2e}")
             assert err < 1e-4
+
+        env = {**os.environ, "QUANTCAL_DATA_DIR": str(args.data.parent.parent)}
+        _run(["quantcal", "export", "--provider", "cpu", "--run", str(run)])
+        _run(["quantcal", "generate", "--run", str(run), "--provider", "cpu", "--prompt",
+              "The weather today is", "--max-new-tokens", "20"])
+        _run(["quantcal", "eval", "--run", str(run), "--provider", "cpu", "--tasks",
+              "hellaswag,wikitext2", "--limit", "20", "--baseline"], env=env)
+        _run(["quantcal", "report", "--run", str(run)])
+        if args.run:
+            print(f"report: {run / 'report.md'}")
+
+
+def _run(cmd: list[str], env: dict | None = None) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
 
 
 if __name__ == "__main__":
