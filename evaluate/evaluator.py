@@ -111,10 +111,13 @@ def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
         metrics[name], docs[name] = run_task(name, backend, data_dir=data_dir, limit=limit,
                                              sample=sample, seed=seed, seq_len=seq_len,
                                              stride=stride, progress=progress)
+    record = read_eval(run)
+    earlier = record.variants.get(label)
+    if earlier is not None:  # other tasks of the same variant, evaluated before, are kept
+        metrics, docs = {**earlier.metrics, **metrics}, {**earlier.docs, **docs}
     result = VariantResult(model=label, backend=backend.name, metrics=metrics, docs=docs,
                            size_bytes=size_bytes, speed=speed or {},
                            seconds=time.perf_counter() - t)
-    record = read_eval(run)
     atomic_write_json(run.file(EVAL_JSON),
                       EvalRecord(variants={**record.variants, label: result}))
     return result

@@ -46,6 +46,15 @@ def test_eval_onnx_and_baseline_agree(exported, shared_data):
     assert "## Accuracy, size and speed" in text and exported.has("accuracy_vs_size.png")
 
 
+def test_later_tasks_add_to_a_variant(exported, shared_data):
+    _ok(["eval", "--run", str(exported.path), "--tasks", "hellaswag", "--limit", "2",
+         "--provider", "cpu", "--data-dir", str(shared_data)])
+    _ok(["eval", "--run", str(exported.path), "--tasks", "wikitext2", "--limit", "1",
+         "--provider", "cpu", "--data-dir", str(shared_data)])
+    variant = next(v for k, v in read_eval(exported).variants.items() if k.startswith("onnx"))
+    assert {"hellaswag", "wikitext2"} <= set(variant.metrics)
+
+
 def test_eval_unknown_task_is_one_line(exported):
     res = CliRunner().invoke(cli, ["eval", "--run", str(exported.path), "--tasks", "mmlu",
                                    "--provider", "cpu"])
