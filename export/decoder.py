@@ -21,7 +21,7 @@ from torch import nn
 from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
 from quantcal.export.emit import emit_linear
 from quantcal.fakequant import act_qparams, layer_qparams
-from quantcal.formats import Format
+from quantcal.formats import FP16, Format
 from quantcal.models import weight_matrix
 
 MAX_CACHE_POSITIONS = 131072  # rotary cos/sin rows; bounds the context the graph accepts
@@ -48,10 +48,26 @@ class _Ctx:
     def __init__(self, b: GraphBuilder, model: nn.Module, formats: Mapping[str, Format],
                  qparams: Mapping[str, torch.Tensor]):
         self.b, self.model, self.formats, self.qparams = b, model, formats, qparams
+        self.tied_embedding: str | None = None  # the embedding initializer a tied head shares
+
+    def embedding(self, name: str, module: nn.Module) -> str:
+        """The token embedding's initializer; remembered when the head shares its weight."""
+        init = self.weight(name, module.weight)
+        head = self.model.get_output_embeddings()
+        if head is not None and head.weight is module.weight and head.bias is None:
+            self.tied_embedding = init
+        return init
 
     def linear(self, name: str, x: str) -> str:
         module = self.model.get_submodule(name)
         fmt = self.formats[name]
+        if (isinstance(fmt, FP16) and self.tied_embedding is not None
+                and module is self.model.get_output_embeddings()):
+            # a tied fp16 head multiplies by the embedding itself: stored once on disk
+            p = node_prefix(name)
+            (wt,) = self.b.node("Transpose", [self.tied_embedding], name=f"{p}/weight/Transpose",
+                                perm=[1, 0])
+            return self.b.node("MatMul", [x, wt], name=f"{p}/MatMul")[0]
         return emit_linear(self.b, name, x, weight_matrix(module).detach(), module.bias, fmt,
                            layer_qparams(self.qparams, name, fmt),
                            act_qparams(self.qparams, name))
@@ -154,7 +170,7 @@ def build_llama(model: nn.Module, formats: Mapping[str, Format],
     cos_np, sin_np = _rotary_cache(model, min(cfg.max_position_embeddings, MAX_CACHE_POSITIONS))
     cos = b.initializer("cos_cache", cos_np.astype(b.dtype))
     sin = b.initializer("sin_cache", sin_np.astype(b.dtype))
-    emb = ctx.weight("model.embed_tokens.weight", model.model.embed_tokens.weight)
+    emb = ctx.embedding("model.embed_tokens.weight", model.model.embed_tokens)
     (hidden,) = b.node("Gather", [emb, "input_ids"], name="/model/embed_tokens/Gather")
     layers = model.model.layers
     x = _rms_norm(ctx, "model.layers.0.input_layernorm", hidden,

@@ -77,3 +77,41 @@ def test_edited_plan_is_exported_and_bad_plan_rejected(tiny_llama_dir, tmp_path,
     res = CliRunner().invoke(cli, ["export", "--provider", "cpu", "--run", str(run.path),
                                    "--plan", str(edited)])
     assert res.exit_code == 2 and "no int4-g128 qparams" in res.output
+
+
+def test_tied_fp16_head_is_stored_once(tmp_path):
+    """A tied fp16 lm_head reuses the embedding initializer (one copy on disk)."""
+    import numpy as np
+
+    from quantcal.export.builder import save_model
+    from quantcal.export.decoder import build_llama
+    from quantcal.formats import FP16
+    from quantcal.models import quantizable_layers
+    from tinymodels import build_tiny_model
+
+    model = build_tiny_model("qwen2")  # its config ties the embeddings
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
+    graph = build_llama(model, formats, {}, np.float32).model()
+    names = [i.name for i in graph.graph.initializer]
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    head = [n for n in graph.graph.node if n.name.startswith("/lm_head/")]
+    assert [n.op_type for n in head][:2] == ["Transpose", "MatMul"]
+    save_model(graph, tmp_path / "m.onnx")
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 512, (1, 8))
+    cfg = model.config
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 8), np.int64),
+             "position_ids": np.arange(8)[None], "total_sequence_length": np.array(8, np.int32)}
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        for k in ("key", "value"):
+            feeds[f"past_key_values.{i}.{k}"] = np.zeros((1, cfg.num_key_value_heads, 0, hd),
+                                                         np.float32)
+    logits = sess.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    assert np.abs(logits - ref).max() < 1e-4
