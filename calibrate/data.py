@@ -15,20 +15,17 @@ import itertools
 import json
 import os
 import re
-import socket
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 import torch
 
+from quantcal.datadir import DATA_DIR_ENV, find_local, hub_access
 from quantcal.errors import QuantcalError
 
 NAMED = ("c4", "wikitext2")
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".txt")
-DATA_DIR_ENV = "QUANTCAL_DATA_DIR"
 LOCAL_FILES = {  # under a local data folder, in order of preference
     "c4": ("c4/c4_validation_2k.jsonl.gz", "c4/c4_validation_2k.parquet"),
     "wikitext2": ("wikitext2/wiki.test.raw",),
@@ -195,22 +192,11 @@ def _nonempty(label: str, texts: Iterator[str]) -> Iterator[str]:
 
 
 def _named_source(name: str, data_dir: Path | None) -> tuple[str, Iterator[str]]:
-    root, origin = (Path(data_dir), "data folder") if data_dir is not None else (None, "")
-    if root is None and os.environ.get(DATA_DIR_ENV):
-        root, origin = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
-    missing = ""
-    if root is not None:
-        root = root.expanduser()
-        if not root.is_dir():
-            raise QuantcalError(f"{origin} {root} is not a folder; point it at a folder "
-                                "laid out like shared/data, or unset it to use the hub")
-        for rel in LOCAL_FILES[name]:
-            if (root / rel).is_file():
-                path = root / rel
-                texts = _wiki_raw(path) if name == "wikitext2" else _path_texts(path, "text")
-                return f"{name} ({path})", texts
-        missing = f"{origin} {root} holds no {' or '.join(LOCAL_FILES[name])}; "
-    return name, _hub_texts(name, missing)
+    path, missing = find_local(LOCAL_FILES[name], data_dir, "data folder")
+    if path is None:
+        return name, _hub_texts(name, missing)
+    texts = _wiki_raw(path) if name == "wikitext2" else _path_texts(path, "text")
+    return f"{name} ({path})", texts
 
 
 def _wiki_raw(path: Path) -> Iterator[str]:
@@ -228,14 +214,9 @@ def _hub_texts(name: str, missing: str) -> Iterator[str]:
             f"--data PATH with a local text file, or set {DATA_DIR_ENV} to a folder laid out "
             f"like shared/data ({layout})")
 
-    cfg = datasets.config  # HF_HUB_OFFLINE is named HF_DATASETS_OFFLINE in older releases
-    offline = getattr(cfg, "HF_HUB_OFFLINE", getattr(cfg, "HF_DATASETS_OFFLINE", False))
-    if not offline and any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"}
-                           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        # Set after `datasets` was imported: it would still go online, so do not try.
-        raise fail("offline mode is set")
-    if not offline and not _hub_reachable():
-        raise fail("hub unreachable; to use a cached copy set HF_HUB_OFFLINE=1")
+    offline, unusable = hub_access()
+    if unusable:
+        raise fail(unusable)
     streaming = name == "c4" and not offline  # streams cannot come from the cache
     try:
         rows = datasets.load_dataset(**HUB_ARGS[name], streaming=streaming)
@@ -252,21 +233,6 @@ def _hub_rows(rows, fail) -> Iterator[str]:  # a stream can break half way
             yield row["text"]
     except (OSError, ValueError) as exc:
         raise fail(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _hub_reachable() -> bool:
-    """Resolve the hub's host (unless a proxy does), so that a machine with no network
-    fails at once, not after the hub client's retries (~25 s)."""
-    from huggingface_hub import constants
-
-    if urllib.request.getproxies():
-        return True
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or ""
-    try:
-        socket.getaddrinfo(host, 443)
-    except (OSError, UnicodeError):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------- files

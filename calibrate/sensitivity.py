@@ -18,7 +18,6 @@ scores is reported.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Mapping
 
 import torch
@@ -29,7 +28,7 @@ from quantcal.calibrate.collect import BlockInputs, capture_block_inputs
 from quantcal.calibrate.stats import LayerStats
 from quantcal.fakequant import act_qparams, fake_quant_module, layer_qparams, quantized_weight
 from quantcal.formats import Format
-from quantcal.models import blocks_of, family_of, weight_matrix
+from quantcal.models import blocks_of, family_of
 
 
 class _PerFormat(nn.Module):
@@ -210,13 +209,3 @@ def spearman(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, 
     keys = [(n, f) for n in a for f in a[n] if n in b and f in b[n]]
     rho = spearmanr([a[n][f] for n, f in keys], [b[n][f] for n, f in keys]).statistic
     return float(rho)
-
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t
-
-
-def layer_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
-    return {n: weight_matrix(model.get_submodule(n)).detach() for n in names}

@@ -321,6 +321,8 @@ def test_offline_set_after_import_is_not_ignored(monkeypatch):
 
 
 def test_unreachable_hub_fails_fast(monkeypatch):
+    import urllib.request
+
     import datasets
     from huggingface_hub import constants
 
@@ -328,5 +330,5 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
-    monkeypatch.setattr(data.urllib.request, "getproxies", dict)
+    monkeypatch.setattr(urllib.request, "getproxies", dict)
     assert "unreachable" in _hub_error("c4")
