@@ -90,7 +90,8 @@ def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "
     if not out.passed:
         raise QuantcalError(
             f"the exported model does not match torch (logits max abs error "
-            f"{parity['logits_max_abs']:.3g}, tolerance {parity['tolerance']:.3g}; greedy "
-            f"decoding {'matches' if parity['greedy_match'] else 'differs'}); see "
+            f"{parity['logits_max_abs']:.3g}, decode step {parity['decode_step_max_abs']:.3g}, "
+            f"tolerance {parity['tolerance']:.3g}; greedy decoding with the cache "
+            f"{'matches' if parity['greedy_match'] else 'differs from'} recomputation); see "
             f"{run.file(EXPORT_JSON)}")
     return out

@@ -54,18 +54,30 @@ class _Decoder:
         return out["logits"].astype(np.float32), new
 
 
-def _greedy(dec: _Decoder, prompt: np.ndarray) -> tuple[list[int], list[int], float]:
-    """Tokens with the cache, tokens by recomputation, max |logit diff| of the steps."""
+def _greedy(dec: _Decoder, prompt: np.ndarray) -> tuple[bool, int, float]:
+    """Greedy decoding with the cache against recomputing the whole sequence at each step.
+
+    Both paths condition on the same tokens (the cached path's), so every step is compared
+    on its own. A step agrees when the two argmaxes are equal, or when they are a near-tie
+    in the recomputed logits: closer than twice that step's logit difference, which is
+    rounding (fp16 on random weights), not a cache error. Returns (agree, near ties,
+    max |logit difference|).
+    """
     logits, cache = dec.run(prompt[None], dec.empty_cache(1))
-    cached, seq, worst = [], list(prompt), 0.0
+    seq, worst, ties, agree = list(prompt), 0.0, 0, True
     for _ in range(NEW_TOKENS):
         full, _ = dec.run(np.array([seq], np.int64), dec.empty_cache(1))
-        worst = max(worst, float(np.abs(full[0, -1] - logits[0, -1]).max()))
-        token = int(logits[0, -1].argmax())
-        cached.append(token)
-        seq.append(int(full[0, -1].argmax()))
+        step, ref = logits[0, -1], full[0, -1]
+        diff = float(np.abs(ref - step).max())
+        worst = max(worst, diff)
+        token, ref_token = int(step.argmax()), int(ref.argmax())
+        if token != ref_token:
+            tie = ref[ref_token] - ref[token] <= 2 * diff
+            ties += int(tie)
+            agree = agree and bool(tie)
+        seq.append(token)
         logits, cache = dec.run(np.array([[token]], np.int64), cache)
-    return cached, seq[len(prompt):], worst
+    return agree, ties, worst
 
 
 @torch.inference_mode()
@@ -77,7 +89,7 @@ def check_parity(path: Path, model: nn.Module, *, provider: str, dtype) -> dict[
         g = torch.Generator().manual_seed(1234)
         windows = torch.randint(0, model.config.vocab_size, (WINDOWS, WINDOW_LEN), generator=g)
         onnx_logits, _ = dec.run(windows.numpy(), dec.empty_cache(WINDOWS))
-        cached, recomputed, step_err = _greedy(dec, windows[0, :PROMPT_LEN].numpy())
+        match, ties, step_err = _greedy(dec, windows[0, :PROMPT_LEN].numpy())
     except (ort.capi.onnxruntime_pybind11_state.NotImplemented,
             ort.capi.onnxruntime_pybind11_state.Fail) as exc:
         raise QuantcalError(
@@ -89,7 +101,8 @@ def check_parity(path: Path, model: nn.Module, *, provider: str, dtype) -> dict[
     scale = float(np.abs(ref).max())
     half = np.dtype(dtype) == np.float16
     tol = (2e-2 * scale + 1e-2) if half else (1e-3 + 1e-4 * scale)
-    match = cached == recomputed
+    passed = err <= tol and step_err <= tol and match
     return {"logits_max_abs": err, "logits_ref_max": scale, "tolerance": tol,
             "decode_step_max_abs": step_err, "greedy_match": float(match),
-            "greedy_tokens": float(len(cached)), "passed": float(err <= tol and match)}
+            "greedy_near_ties": float(ties), "greedy_tokens": float(NEW_TOKENS),
+            "passed": float(passed)}

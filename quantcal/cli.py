@@ -221,7 +221,9 @@ def export(**opts) -> None:
     ops = ", ".join(f"{v} {k}" for k, v in sorted(out.ops.items()))
     click.echo(f"wrote {out.path} ({out.file_bytes / 1e6:.1f} MB, {out.dtype}; {ops}); "
                f"logits max abs error {p['logits_max_abs']:.2e} (tolerance "
-               f"{p['tolerance']:.1e}), greedy decoding with KV cache matches recomputation")
+               f"{p['tolerance']:.1e}), greedy decoding with KV cache matches recomputation"
+               + (f" ({p['greedy_near_ties']:.0f} near-tie step(s))"
+                  if p.get("greedy_near_ties") else ""))
 
 
 @cli.command()
