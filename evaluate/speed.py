@@ -74,17 +74,17 @@ def bench_model(path: Path, *, provider: str = "auto", batch: int = 1, prompt_le
     def prefill() -> None:
         runner.prefill(prompt, host_logits=False)
 
-    def decode() -> None:
-        logits = runner.prefill(short)
+    def decode() -> None:  # greedy, as generation runs: only token ids come to the host
+        logits = runner.prefill(short, host_logits=False)
         for _ in range(new_tokens):
-            nxt = logits[:, -1].argmax(-1).reshape(batch, 1).astype(np.int64)
-            logits = runner.decode_step(nxt)
+            logits = runner.decode_step(runner.next_tokens(logits), host_logits=False)
 
     with _PeakMemory() as memory:
         prefill()  # warm-up: kernels, arena
         decode()
         t_prefill = _best(prefill, repeats)
-        t_decode = _best(decode, repeats) - _best(lambda: runner.prefill(short), repeats)
+        t_start = _best(lambda: runner.prefill(short, host_logits=False), repeats)
+        t_decode = _best(decode, repeats) - t_start
     files = [path, path.with_name(path.name + ".data")]
     return {"model": str(path), "provider": used, "batch": batch, "prompt_len": prompt_len,
             "new_tokens": new_tokens,

@@ -8,6 +8,7 @@ decoding with the KV cache (prefill, then one token per step, feeding ``present`
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 from quantcal.errors import QuantcalError
 
 WINDOWS, WINDOW_LEN, PROMPT_LEN, NEW_TOKENS = 2, 16, 6, 8
+HALF_MARGIN = 3.0  # an fp16 graph's logits error, in units of torch's own fp16 error
 
 
 def _session(path: Path, provider: str) -> ort.InferenceSession:
@@ -100,9 +102,30 @@ def check_parity(path: Path, model: nn.Module, *, provider: str, dtype) -> dict[
     err = float(np.abs(onnx_logits - ref).max())
     scale = float(np.abs(ref).max())
     half = np.dtype(dtype) == np.float16
-    tol = (2e-2 * scale + 1e-2) if half else (1e-3 + 1e-4 * scale)
+    figures = {}
+    if half:
+        # an fp16 graph cannot be closer to the fp32 reference than fp16 rounding allows:
+        # the same torch model run in fp16 measures that, and the graph may be off by a
+        # small multiple of it (its kernels round in other places)
+        figures["torch_fp16_max_abs"] = half_deviation(model, windows, ref)
+        tol = max(2e-2 * scale + 1e-2, HALF_MARGIN * figures["torch_fp16_max_abs"])
+    else:
+        tol = 1e-3 + 1e-4 * scale
     passed = err <= tol and step_err <= tol and match
     return {"logits_max_abs": err, "logits_ref_max": scale, "tolerance": tol,
             "decode_step_max_abs": step_err, "greedy_match": float(match),
             "greedy_near_ties": float(ties), "greedy_tokens": float(NEW_TOKENS),
-            "passed": float(passed)}
+            **figures, "passed": float(passed)}
+
+
+def half_deviation(model: nn.Module, windows: torch.Tensor, ref: np.ndarray) -> float:
+    """max |logits - ref| of a float16 copy of ``model`` (on CUDA when there is one)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    half = copy.deepcopy(model).half().to(device)
+    try:
+        out = half(windows.to(device), use_cache=False).logits.float().cpu().numpy()
+    finally:
+        del half
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return float(np.abs(out - ref).max())

@@ -9,8 +9,9 @@ Reads the decoder contract from the session's input and output metadata:
 
 Each step runs through onnxruntime IO binding: the ``present.*`` OrtValues of one step are
 bound as the ``past_key_values.*`` inputs of the next, so the cache never leaves the
-session's device. Per step only token ids, the attention mask, positions (host -> device)
-and the logits (device -> host) cross over.
+session's device. Greedy decoding leaves the logits on the device too: a two-node argmax
+graph on the same provider picks the next token, so per step only the token ids, the
+attention mask and positions go host -> device and one token id per sequence comes back.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from quantcal.errors import QuantcalError
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 _ID_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -84,6 +87,23 @@ def read_spec(session: ort.InferenceSession) -> DecoderSpec:
                        vocab if isinstance(vocab, int) else None)
 
 
+def argmax_graph(dtype: np.dtype) -> bytes:
+    """``next_ids`` (B, 1) int64 = argmax over the vocabulary of ``logits`` (B, S, V) at the
+    last position: greedy decoding's only device -> host copy is this one id per row."""
+    last = helper.make_tensor("last", TensorProto.INT64, [], [-1])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["logits", "last"], ["last_logits"], axis=1),
+         helper.make_node("ArgMax", ["last_logits"], ["next_ids"], axis=-1, keepdims=1)],
+        "greedy_argmax",
+        [helper.make_tensor_value_info("logits", _ONNX_TYPES[np.dtype(dtype)],
+                                       ["batch", "seq", "vocab"])],
+        [helper.make_tensor_value_info("next_ids", TensorProto.INT64, ["batch", 1])],
+        initializer=[last])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 def _as_ids(array: np.ndarray | list, name: str) -> np.ndarray:
     ids = np.ascontiguousarray(np.asarray(array), dtype=np.int64)
     if ids.ndim != 2 or ids.shape[1] == 0:
@@ -105,6 +125,9 @@ class DecoderRunner:
         self._wants_total = any(i.name == "total_sequence_length" for i in session.get_inputs())
         self._cache: list[ort.OrtValue] = []  # past of the next step, in spec.past_names order
         self._mask = np.zeros((0, 0), dtype=np.int64)  # (B, P) on host
+        self._binding = session.io_binding()
+        self._argmax = self._argmax_session()
+        self._argmax_binding = self._argmax.io_binding() if self._argmax else None
 
     @property
     def past_length(self) -> int:
@@ -136,15 +159,31 @@ class DecoderRunner:
         self._cache = [self._empty_past(ids.shape[0]) for _ in self.spec.past_names]
         return self._step(ids, mask, host_logits)
 
-    def decode_step(self, next_ids: np.ndarray) -> np.ndarray:
-        """Append one token per sequence, ``next_ids`` (B, 1); returns logits (B, 1, V)."""
+    def decode_step(self, next_ids: np.ndarray, *, host_logits: bool = True
+                    ) -> np.ndarray | ort.OrtValue:
+        """Append one token per sequence, ``next_ids`` (B, 1); returns logits (B, 1, V), on
+        the host or (``host_logits=False``) left on the device."""
         ids = _as_ids(next_ids, "next_ids")
         if not self._cache:
             raise RuntimeError("decode_step before prefill: there is no cache to extend")
         if ids.shape != (self._mask.shape[0], 1):
             raise ValueError(f"next_ids must have shape ({self._mask.shape[0]}, 1), "
                              f"got {ids.shape}")
-        return self._step(ids, np.concatenate([self._mask, np.ones_like(ids)], axis=1))
+        return self._step(ids, np.concatenate([self._mask, np.ones_like(ids)], axis=1),
+                          host_logits)
+
+    def next_tokens(self, logits: np.ndarray | ort.OrtValue) -> np.ndarray:
+        """Greedy choice (B, 1) int64 at the last position of ``logits`` (B, S, V); device
+        logits are reduced on the device and only the ids are copied back."""
+        if not isinstance(logits, np.ndarray) and self._argmax is None:
+            logits = logits.numpy()
+        if isinstance(logits, np.ndarray):
+            return logits[:, -1].argmax(-1).reshape(-1, 1).astype(np.int64)
+        binding = self._argmax_binding
+        binding.bind_ortvalue_input("logits", logits)
+        binding.bind_output("next_ids", "cpu")
+        self._argmax.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
     def generate(self, prompt_ids: list[int] | np.ndarray, max_new_tokens: int,
                  eos_token_id: int | Iterable[int] | None = None,
@@ -167,13 +206,28 @@ class DecoderRunner:
         tokens: list[int] = []
         if max_new_tokens <= 0:
             return tokens
-        logits = self.prefill(prompt)
+        logits = self.prefill(prompt, host_logits=False)
         while True:
-            tokens.append(int(np.argmax(logits[0, -1])))
+            next_ids = self.next_tokens(logits)
+            tokens.append(int(next_ids[0, 0]))
             if (tokens[-1] in eos or len(tokens) >= max_new_tokens
                     or (stop is not None and stop(tokens))):
                 return tokens
-            logits = self.decode_step(np.array([[tokens[-1]]], dtype=np.int64))
+            logits = self.decode_step(next_ids, host_logits=False)
+
+    def _argmax_session(self) -> ort.InferenceSession | None:
+        """The greedy argmax on the decoder's provider; None (argmax on the host) if the
+        provider cannot run it whole."""
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        providers = ([("CUDAExecutionProvider", {"device_id": str(self.device_id)})]
+                     if self.provider == "cuda" else ["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(argmax_graph(self.spec.dtype), options,
+                                        providers=providers)
+        except Exception:  # onnxruntime's own exception types; the host argmax still works
+            return None
 
     def _empty_past(self, batch: int) -> ort.OrtValue:
         shape = [batch, self.spec.kv_heads, 0, self.spec.head_dim]  # (B, kv_heads, 0, head_dim)
@@ -189,7 +243,9 @@ class DecoderRunner:
         seq = ids.shape[1]
         # positions count the attended tokens before each one: arange(P, P+S) for full masks
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:]
-        binding = self.session.io_binding()
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
         feeds = {"input_ids": ids, "attention_mask": mask,
                  "position_ids": np.ascontiguousarray(positions)}
         # kept referenced until the run ends: a CPU OrtValue borrows its numpy array's memory

@@ -220,3 +220,15 @@ def test_missing_and_corrupt_files(tmp_path, decoder_path, capsys):
     with pytest.raises(QuantcalError, match="unknown provider"):
         make_session(decoder_path, "tpu")
     assert "running on CPU" not in capsys.readouterr().err  # no notice before an error
+
+
+def test_next_tokens_on_device_logits_equal_host_argmax(runner):
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
+    host = runner.prefill(ids)
+    device = runner.prefill(ids, host_logits=False)
+    expected = host[:, -1].argmax(-1).reshape(2, 1)
+    assert isinstance(device, ort.OrtValue)
+    np.testing.assert_array_equal(runner.next_tokens(device), expected)
+    np.testing.assert_array_equal(runner.next_tokens(host), expected)
+    step = runner.decode_step(expected, host_logits=False)
+    assert step.shape() == [2, 1, host.shape[-1]]
