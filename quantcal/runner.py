@@ -220,9 +220,10 @@ class DecoderRunner:
         provider cannot run it whole."""
         options = ort.SessionOptions()
         options.log_severity_level = 4
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        providers = ([("CUDAExecutionProvider", {"device_id": str(self.device_id)})]
-                     if self.provider == "cuda" else ["CPUExecutionProvider"])
+        providers: list = ["CPUExecutionProvider"]
+        if self.provider == "cuda":
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            providers = [("CUDAExecutionProvider", {"device_id": str(self.device_id)})]
         try:
             return ort.InferenceSession(argmax_graph(self.spec.dtype), options,
                                         providers=providers)
