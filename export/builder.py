@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcal.rundir import atomic_path
+from quantcal.runner import SHARED_CACHE_KEY
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -86,6 +87,9 @@ class GraphBuilder:
         model = helper.make_model(graph, producer_name="quantcal", opset_imports=[
             helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
         model.ir_version = 10
+        if any(n.op_type == "GroupQueryAttention" for n in self.nodes):
+            # its past and present may be one buffer, written in place (see quantcal.runner)
+            helper.set_model_props(model, {SHARED_CACHE_KEY: "1"})
         return model
 
 

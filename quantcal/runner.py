@@ -12,6 +12,11 @@ bound as the ``past_key_values.*`` inputs of the next, so the cache never leaves
 session's device. Greedy decoding leaves the logits on the device too: a two-node argmax
 graph on the same provider picks the next token, so per step only the token ids, the
 attention mask and positions go host -> device and one token id per sequence comes back.
+
+With ``cache_length`` (as generation uses it) the cache is allocated once for the whole
+sequence and each layer's past and present are bound to the same device buffer:
+GroupQueryAttention then writes the new positions in place (as onnxruntime-genai runs it),
+with no per-step allocation or copy of the cache.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from quantcal.errors import QuantcalError
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 _ID_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# model metadata: every cache input/output pair may be bound to one buffer (GroupQueryAttention)
+SHARED_CACHE_KEY = "quantcal.shared_kv_cache"
 
 
 @dataclass(frozen=True)
@@ -123,8 +130,11 @@ class DecoderRunner:
         options = session.get_provider_options().get("CUDAExecutionProvider", {})
         self.device_id = int(options.get("device_id", 0)) if provider == "cuda" else 0
         self._wants_total = any(i.name == "total_sequence_length" for i in session.get_inputs())
+        metadata = session.get_modelmeta().custom_metadata_map
+        self.shares_cache = metadata.get(SHARED_CACHE_KEY) == "1"
         self._cache: list[ort.OrtValue] = []  # past of the next step, in spec.past_names order
         self._mask = np.zeros((0, 0), dtype=np.int64)  # (B, P) on host
+        self._capacity: int | None = None  # positions of a preallocated (shared) cache
         self._binding = session.io_binding()
         self._argmax = self._argmax_session()
         self._argmax_binding = self._argmax.io_binding() if self._argmax else None
@@ -132,6 +142,8 @@ class DecoderRunner:
     @property
     def past_length(self) -> int:
         """P: how many positions the cache holds (0 before prefill)."""
+        if self._capacity is not None:
+            return self._mask.shape[1]
         return self._cache[0].shape()[2] if self._cache else 0
 
     def cache_lengths(self) -> list[int]:
@@ -142,21 +154,35 @@ class DecoderRunner:
         """Drop the cache, freeing its device memory."""
         self._cache = []
         self._mask = np.zeros((0, 0), dtype=np.int64)
+        self._capacity = None
+        self._binding.clear_binding_inputs()
+        self._binding.clear_binding_outputs()
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                *, host_logits: bool = True) -> np.ndarray | ort.OrtValue:
+                *, host_logits: bool = True, cache_length: int | None = None
+                ) -> np.ndarray | ort.OrtValue:
         """Start new sequences: run ``input_ids`` (B, S) with an empty cache.
 
         ``attention_mask`` (B, S) defaults to all ones. Returns logits (B, S, V) on host, or
-        left on the device as an OrtValue with ``host_logits=False`` (benchmarks).
+        left on the device as an OrtValue with ``host_logits=False``. ``cache_length``:
+        allocate the cache once for this many positions (prompt plus every token to come),
+        updated in place by each step; without it each step returns a cache one longer.
         """
         ids = _as_ids(input_ids, "input_ids")
         mask = np.ones_like(ids) if attention_mask is None else _as_ids(attention_mask,
                                                                        "attention_mask")
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask {mask.shape} must match input_ids {ids.shape}")
+        if cache_length is not None and not self.shares_cache:
+            raise ValueError("this model's cache cannot be updated in place (re-export it "
+                             "with this version of quantcal); prefill without cache_length")
+        if cache_length is not None and cache_length < ids.shape[1]:
+            raise ValueError(f"cache_length {cache_length} is shorter than the prompt "
+                             f"({ids.shape[1]} tokens)")
         self.reset()
-        self._cache = [self._empty_past(ids.shape[0]) for _ in self.spec.past_names]
+        self._capacity = cache_length
+        self._cache = [self._empty_past(ids.shape[0], cache_length or 0)
+                       for _ in self.spec.past_names]
         return self._step(ids, mask, host_logits)
 
     def decode_step(self, next_ids: np.ndarray, *, host_logits: bool = True
@@ -169,6 +195,9 @@ class DecoderRunner:
         if ids.shape != (self._mask.shape[0], 1):
             raise ValueError(f"next_ids must have shape ({self._mask.shape[0]}, 1), "
                              f"got {ids.shape}")
+        if self._capacity is not None and self._mask.shape[1] >= self._capacity:
+            raise RuntimeError(f"the cache is full ({self._capacity} positions): prefill with "
+                               "a larger cache_length")
         return self._step(ids, np.concatenate([self._mask, np.ones_like(ids)], axis=1),
                           host_logits)
 
@@ -206,7 +235,8 @@ class DecoderRunner:
         tokens: list[int] = []
         if max_new_tokens <= 0:
             return tokens
-        logits = self.prefill(prompt, host_logits=False)
+        logits = self.prefill(prompt, host_logits=False, cache_length=(
+            prompt.shape[1] + max_new_tokens if self.shares_cache else None))
         while True:
             next_ids = self.next_tokens(logits)
             tokens.append(int(next_ids[0, 0]))
@@ -230,8 +260,10 @@ class DecoderRunner:
         except Exception:  # onnxruntime's own exception types; the host argmax still works
             return None
 
-    def _empty_past(self, batch: int) -> ort.OrtValue:
-        shape = [batch, self.spec.kv_heads, 0, self.spec.head_dim]  # (B, kv_heads, 0, head_dim)
+    def _empty_past(self, batch: int, length: int = 0) -> ort.OrtValue:
+        """(B, kv_heads, length, head_dim), uninitialised: attention reads only the
+        positions the mask says were written."""
+        shape = [batch, self.spec.kv_heads, length, self.spec.head_dim]
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.spec.dtype,
                                                          self.provider, self.device_id)
 
@@ -245,29 +277,35 @@ class DecoderRunner:
         # positions count the attended tokens before each one: arange(P, P+S) for full masks
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:]
         binding = self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        shared = self._capacity is not None
+        first = not shared or seq == mask.shape[1]  # a shared cache is bound at prefill only
+        if first:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
         feeds = {"input_ids": ids, "attention_mask": mask,
                  "position_ids": np.ascontiguousarray(positions)}
         # kept referenced until the run ends: a CPU OrtValue borrows its numpy array's memory
         values = {name: self._device_value(array) for name, array in feeds.items()}
-        for name, value in values.items():
-            binding.bind_ortvalue_input(name, value)
         if self._wants_total:  # read on the host by GroupQueryAttention
-            total = np.array(mask.shape[1], dtype=np.int32)
-            values["total_sequence_length"] = ort.OrtValue.ortvalue_from_numpy(total)
-            binding.bind_ortvalue_input("total_sequence_length",
-                                        values["total_sequence_length"])
-        for name, value in zip(self.spec.past_names, self._cache):
+            values["total_sequence_length"] = ort.OrtValue.ortvalue_from_numpy(
+                np.array(mask.shape[1], dtype=np.int32))
+        for name, value in values.items():  # rebinding a bound name replaces it
             binding.bind_ortvalue_input(name, value)
-        if host_logits:
+        if host_logits:  # bound first, so that it is output 0
             binding.bind_output("logits", "cpu")
         else:
             binding.bind_output("logits", self.provider, self.device_id)
-        for name in self.spec.present_names:
-            binding.bind_output(name, self.provider, self.device_id)
+        if first:
+            for name, value in zip(self.spec.past_names, self._cache):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(self.spec.present_names, self._cache):
+                if shared:  # written in place: past and present are one buffer
+                    binding.bind_ortvalue_output(name, value)
+                else:
+                    binding.bind_output(name, self.provider, self.device_id)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()  # in the order bound above
-        self._cache = list(present)
+        if not shared:
+            self._cache = list(present)
         self._mask = mask
         return logits.numpy() if host_logits else logits

@@ -232,3 +232,11 @@ def test_next_tokens_on_device_logits_equal_host_argmax(runner):
     np.testing.assert_array_equal(runner.next_tokens(host), expected)
     step = runner.decode_step(expected, host_logits=False)
     assert step.shape() == [2, 1, host.shape[-1]]
+
+
+
+def test_a_concat_cache_cannot_be_shared(runner):
+    assert not runner.shares_cache
+    with pytest.raises(ValueError, match="in place"):
+        runner.prefill(np.array([[1, 2]]), cache_length=4)
+    assert len(runner.generate([1, 2], 3)) == 3  # generation falls back to a growing cache
