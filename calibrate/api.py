@@ -21,7 +21,7 @@ from quantcal.calibrate.collect import collect_full, collect_sequential
 from quantcal.calibrate.planner import Rules
 from quantcal.calibrate.plans import check_budget
 from quantcal.calibrate.data import load_calibration_data
-from quantcal.calibrate.qparams import QPARAMS_KIND, compute_qparams
+from quantcal.calibrate.qparams import QPARAMS_KIND, compute_embedding_qparams, compute_qparams
 from quantcal.calibrate.stats import STAT_KIND, stats_to_tensors
 from quantcal.config import Budget, CalibrateConfig, RunRecord
 from quantcal.errors import QuantcalError
@@ -114,6 +114,10 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
     weights = {n: weight_matrix(m).detach().to(device) for n, m in modules.items()}
     qparams = compute_qparams(weights, stats, config.formats, observer=config.observer,
                               method=config.weight_method, progress=progress)
+    tables = {n: model.get_submodule(n).weight.detach().to(device)
+              for n, i in layers.items() if i.kind == "embedding"}
+    qparams.update(compute_embedding_qparams(tables, config.formats,
+                                             method=config.weight_method))
     timings["qparams_s"] = time.perf_counter() - t
 
     record = replace(shape_only, versions=_versions(), timings=timings,
@@ -132,7 +136,8 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
 
 
 def _outside_bytes(model, layers) -> dict:
-    """fp16 bytes of the parameters no plan covers, and whether the head is tied."""
+    """fp16 bytes of the parameters besides the linear layers (the embedding table among
+    them, which a plan may quantize), and whether the head is tied."""
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     planned = sum(i.in_features * i.out_features for n, i in layers.items()
                   if i.kind != "embedding" and not (tied and n == "lm_head"))

@@ -9,18 +9,21 @@ layer ``l``; each layer picks exactly one. Budgets:
 - ``max_kl`` X: minimise size subject to total predicted KL <= X.
 
 Rules narrow a layer's candidates first: ``keep`` globs pin fp16, ``force`` globs pin a format.
-Pure functions of the candidates; reading and writing files is the caller's job.
+Optional layers (the token embedding: no sensitivity score to plan it by) enter the plan only
+when a rule pins them to a quantized format. Pure functions of the candidates; reading and
+writing files is the caller's job.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 
 from quantcal.errors import QuantcalError
-from quantcal.formats import FP16, Format, parse_format
+from quantcal.formats import FP16, BlockQuant, Format, parse_format
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,14 @@ class Rules:
         return cls(tuple(keep), tuple(pairs))
 
 
-def apply_rules(candidates: dict[str, list[Candidate]], rules: Rules
+def apply_rules(candidates: dict[str, list[Candidate]], rules: Rules,
+                optional: Collection[str] = ()
                 ) -> tuple[dict[str, list[Candidate]], dict[str, str]]:
-    """Narrow each layer's candidates by the rules; returns them and each layer's reason."""
+    """Narrow each layer's candidates by the rules; returns them and each layer's reason.
+
+    Layers in ``optional`` (embeddings) are matched like any other, but left out of the
+    result (they stay fp16) unless a rule pins them to a quantized format.
+    """
     pinned: dict[str, tuple[Format, str]] = {}
     for pattern, fmt, why in ([(p, FP16(), f"--keep {p}") for p in rules.keep]
                               + [(p, f, f"--force {p}={f.name}") for p, f in rules.force]):
@@ -64,15 +72,20 @@ def apply_rules(candidates: dict[str, list[Candidate]], rules: Rules
     out, reasons = {}, {}
     for name, cands in candidates.items():
         if name not in pinned:
-            out[name], reasons[name] = cands, "budget"
+            if name not in optional:
+                out[name], reasons[name] = cands, "budget"
             continue
         fmt, why = pinned[name]
         match = [c for c in cands if c.fmt == fmt]
+        if not match and name in optional and not isinstance(fmt, BlockQuant):
+            raise QuantcalError(f"{why}: {name} is an embedding, which takes fp16, int8 or "
+                                f"int4-gN, not {fmt.name}; narrow the pattern")
         if not match:
             have = ", ".join(c.fmt.name for c in cands)
             raise QuantcalError(f"{why}: {name} has no {fmt.name} qparams (it has {have}); "
                                 f"re-run `quantcal calibrate` with {fmt.name} among --formats")
-        out[name], reasons[name] = match, f"rule: {why}"
+        if name not in optional or not isinstance(fmt, FP16):
+            out[name], reasons[name] = match, f"rule: {why}"
     return out, reasons
 
 

@@ -4,6 +4,11 @@ Builds each layer's candidates (fp16 plus every calibrated format, with the byte
 will store and the sensitivity score), turns the user's budget into the planner's limit
 (with the feasible range in the error when it cannot be met), solves, and writes a
 :class:`~quantcal.config.Plan` that says per layer its format, bits, bytes, score and why.
+
+The token embedding has no score: it stays fp16, outside the plan, unless ``--force`` names
+it. Sizes follow the export: a planned embedding's bytes leave ``other_param_bytes`` (its
+fp16 table) for its format's, and a tied head is counted once with the embedding when
+``shares_tied_weight`` says the export stores them once.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from quantcal.calibrate.planner import Candidate, Rules, apply_rules, feasible_b
 from quantcal.config import Budget, LayerPlan, Plan, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError
 from quantcal.fakequant import fake_quant_modules, swapped
-from quantcal.formats import FP16
+from quantcal.formats import FP16, BlockQuant, Format, shares_tied_weight
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
@@ -64,22 +69,54 @@ def candidates(record: RunRecord, sens: SensitivityRecord) -> dict[str, list[Can
     return out
 
 
+def embedding_candidates(record: RunRecord, formats: tuple[Format, ...]
+                         ) -> dict[str, list[Candidate]]:
+    """fp16 plus each calibrated block format for the token embedding, with no score (planned
+    only when a rule pins it, see ``apply_rules``)."""
+    out = {}
+    for name, info in record.layers.items():
+        if info.kind == "embedding":
+            fmts = [FP16()] + [f for f in formats if isinstance(f, BlockQuant)]
+            out[name] = [Candidate(f, f.embedding_bytes(info.out_features, info.in_features),
+                                   0.0) for f in fmts]
+    return out
+
+
+def _embedding(record: RunRecord) -> str | None:
+    return next((n for n, i in record.layers.items() if i.kind == "embedding"), None)
+
+
+def _head_shared(record: RunRecord, embedding: Format, head: Format) -> bool:
+    """Whether the export stores the head with the embedding (once)."""
+    emb = _embedding(record)
+    return (record.tied_lm_head and emb is not None
+            and shares_tied_weight(embedding, head, record.layers[emb].in_features))
+
+
+def _table_bytes(record: RunRecord, names) -> int:
+    """fp16 bytes of the planned embeddings among ``names`` (counted in other_param_bytes)."""
+    return sum(2 * record.layers[n].in_features * record.layers[n].out_features
+               for n in names if record.layers[n].kind == "embedding")
+
+
 def _outside_plan_bytes(record: RunRecord, chosen: Mapping[str, Candidate]) -> int:
     """Bytes the export stores besides the planned layers (embeddings, norms, biases)."""
-    extra = record.other_param_bytes
-    head = chosen.get("lm_head")
-    if record.tied_lm_head and head is not None and isinstance(head.fmt, FP16):
-        extra -= head.nbytes  # a tied fp16 head shares the embedding's bytes
+    extra = record.other_param_bytes - _table_bytes(record, chosen)
+    emb, head = chosen.get(_embedding(record)), chosen.get("lm_head")
+    if head is not None and _head_shared(record, emb.fmt if emb else FP16(), head.fmt):
+        extra -= head.nbytes  # stored once, counted with the embedding
     return extra
 
 
 def _size_costs(record: RunRecord, cands: dict[str, list[Candidate]]
                 ) -> dict[str, list[Candidate]]:
-    """Candidates costed by what they add to the exported file: a tied fp16 head adds
-    nothing (it is the embedding, counted outside the plan)."""
+    """Candidates costed by what they add to the exported file: a tied head stored with
+    the embedding adds nothing (a planned embedding is pinned: one candidate)."""
     if not record.tied_lm_head or "lm_head" not in cands:
         return cands
-    head = [Candidate(c.fmt, 0, c.score) if isinstance(c.fmt, FP16) else c
+    emb = cands.get(_embedding(record))
+    emb_fmt = emb[0].fmt if emb else FP16()
+    head = [Candidate(c.fmt, 0, c.score) if _head_shared(record, emb_fmt, c.fmt) else c
             for c in cands["lm_head"]]
     return {**cands, "lm_head": head}
 
@@ -100,11 +137,12 @@ def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: Run
         return solve(cands, max_bytes=int(budget.value * weights // 8))
     if budget.kind == "max_size":
         costed = _size_costs(record, cands)
-        lo, _ = feasible_bytes(costed)
+        lo, most = feasible_bytes(costed)
         hi = 2 * weights - (2 * record.layers["lm_head"].in_features
                             * record.layers["lm_head"].out_features
                             if record.tied_lm_head and "lm_head" in cands else 0)
-        outside = record.other_param_bytes
+        hi = max(hi, most)  # rules can force more: a quantized table and its own fp16 head
+        outside = record.other_param_bytes - _table_bytes(record, cands)
         if not lo + outside <= budget.value <= hi + outside:
             raise QuantcalError(f"--max-size {budget.value / 1e6:.2f}MB is impossible: feasible "
                                 f"range {(lo + outside) / 1e6:.2f}MB to "
@@ -138,14 +176,17 @@ def make_plan(record: RunRecord, sens: SensitivityRecord, budget: Budget | None,
     if budget is not None and budget.kind == "max_kl" and sens.method != "exact":
         raise QuantcalError("--max-kl needs exact sensitivities (KL); the fast proxy is not in "
                             "KL units: re-run `quantcal calibrate --sensitivity exact`")
-    cands, reasons = apply_rules(candidates(record, sens), rules)
+    embeddings = embedding_candidates(record, sens.formats)
+    cands, reasons = apply_rules({**candidates(record, sens), **embeddings}, rules,
+                                 optional=embeddings)
     budget = budget or default_budget(record, cands)
     chosen = _solve_budget(budget, cands, record)
     layers = {}
     for name, c in chosen.items():
         info = record.layers[name]
-        bits = c.fmt.bits_per_weight(info.out_features, info.in_features)
-        layers[name] = LayerPlan(c.fmt, bits=round(bits, 4), bytes=c.nbytes, score=c.score,
+        bits = 8 * c.nbytes / (info.out_features * info.in_features)
+        layers[name] = LayerPlan(c.fmt, bits=round(bits, 4), bytes=c.nbytes,
+                                 score=None if name in embeddings else c.score,
                                  reason=reasons[name])
     return describe(record, layers, budget)
 

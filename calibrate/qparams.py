@@ -5,6 +5,9 @@ per-group scales/zero points (activation-aware clipping by default, GPTQ codes w
 collected, RTN on request); ``w8a8`` gets per-channel symmetric int8 weight scales and a
 per-tensor static activation scale from the chosen observer; ``fp16`` needs nothing.
 
+The token embedding gets weight-only qparams for every block format
+(:func:`compute_embedding_qparams`), groups along its hidden dimension.
+
 Tensors are keyed ``{layer}/{format}/{scale|zero|codes}`` and ``{layer}/act/{scale|zero}`` in
 ``qparams.safetensors``.
 """
@@ -26,13 +29,17 @@ WEIGHT_METHODS = ("aware", "rtn")
 ACT_BITS = 8
 
 
+def _clip_qparams(fmt: BlockQuant, w: torch.Tensor, h_diag: torch.Tensor, method: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` ``(N, G)``: round to nearest, or the clip search weighted by h_diag."""
+    if method == "rtn":
+        return weights.rtn(w, fmt.bits, fmt.group_size, fmt.symmetric)
+    return weights.aware_clip(w, h_diag, fmt.bits, fmt.group_size, fmt.symmetric)
+
+
 def _block(fmt: BlockQuant, w: torch.Tensor, stats: LayerStats, method: str
            ) -> dict[str, torch.Tensor]:
-    if method == "rtn":
-        scale, zero = weights.rtn(w, fmt.bits, fmt.group_size, fmt.symmetric)
-    else:
-        scale, zero = weights.aware_clip(w, stats.mean_sq, fmt.bits, fmt.group_size,
-                                         fmt.symmetric)
+    scale, zero = _clip_qparams(fmt, w, stats.mean_sq, method)
     out = {"scale": scale, "zero": zero}
     if stats.xtx is not None and method != "rtn":
         out["codes"] = weights.gptq(w, stats.xtx, scale, zero, fmt.bits, fmt.group_size)
@@ -91,4 +98,31 @@ def compute_qparams(weights_by_layer: dict[str, torch.Tensor], stats: dict[str, 
         if wants_act:
             for key, t in activation_qparams(s, observer).items():
                 out[f"{name}/act/{key}"] = t.cpu()
+    return out
+
+
+def compute_embedding_qparams(tables: dict[str, torch.Tensor], formats: tuple[Format, ...], *,
+                              method: str = "aware") -> dict[str, torch.Tensor]:
+    """Qparams of each token embedding table for every block format, keyed like
+    :func:`compute_qparams` (``w8a8`` and ``fp16`` do not apply: no activations feed it).
+
+    The groups run along H, so a ``(V, H)`` table is quantized as a MatMulNBits weight of
+    N=V, K=H would be (the layout a tied head shares). An embedding's output is one row of
+    its table, so every element of a row counts alike: ``aware`` is the linear layers' clip
+    search with a uniform weighting (each group's clip minimises its squared reconstruction
+    error, which no calibration statistic could improve on); ``rtn`` rounds to nearest.
+
+    Args:
+        tables: ``(V, H)`` table per layer name (on the device to compute on).
+    """
+    if method not in WEIGHT_METHODS:
+        raise QuantcalError(f"unknown weight method {method!r}; use {', '.join(WEIGHT_METHODS)}")
+    out: dict[str, torch.Tensor] = {}
+    for name, table in tables.items():
+        uniform = torch.ones(table.shape[1], device=table.device)  # (H,)
+        for fmt in formats:
+            if isinstance(fmt, BlockQuant):
+                scale, zero = _clip_qparams(fmt, table, uniform, method)
+                out[f"{name}/{fmt.name}/scale"] = scale.cpu()
+                out[f"{name}/{fmt.name}/zero"] = zero.cpu()
     return out

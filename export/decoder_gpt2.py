@@ -61,8 +61,7 @@ def build_gpt2(model: nn.Module, formats: Mapping[str, Format],
     head_dim = cfg.n_embd // cfg.n_head
     _graph_inputs(b, cfg.n_layer, cfg.n_head, head_dim)
     seqlens, total = _sequence_lengths(b)
-    (tok,) = b.node("Gather", [ctx.embedding("transformer.wte.weight", tr.wte), "input_ids"],
-                    name="/transformer/wte/Gather")
+    tok = ctx.embed("transformer.wte", "input_ids")
     (pos,) = b.node("Gather", [ctx.weight("transformer.wpe.weight", tr.wpe.weight),
                                "position_ids"], name="/transformer/wpe/Gather")
     (hidden,) = b.node("Add", [tok, pos], name="/transformer/embeddings/Add")

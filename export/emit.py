@@ -1,4 +1,5 @@
-"""Emission of one quantized linear layer into an ONNX graph, one emitter per format type.
+"""Emission of one quantized linear layer (or the token embedding) into an ONNX graph, one
+emitter per format type.
 
 ``emit_linear`` looks the emitter up by ``type(fmt)`` (never by name) and appends the nodes
 and initializers of ``y = x @ w_hat^T + b`` to a :class:`GraphBuilder`, where ``w_hat`` is the
@@ -11,7 +12,11 @@ weight :func:`quantcal.fakequant.quantized_weight` gives (the torch reference):
   static uint8 activation scale; the weight is stored as signed int8 ``(K, N)`` with a
   per-output-channel ``DequantizeLinear(axis=1)``; then ``MatMul``.
 
-A bias is always a separate ``Add``. Nodes are named ``{node_prefix(layer)}/{Op}``
+A bias is always a separate ``Add``. ``emit_embedding`` gathers rows of the token embedding:
+``Gather`` from an fp16 table, or ``GatherBlockQuantized`` (com.microsoft, uint8 data,
+``quantize_axis=1``) from a block-quantized one, sliced to H when its blocks are padded;
+``gather_shared`` does the same from a tied head's MatMulNBits initializers (``B`` reshaped
+to 2-D), so the table is stored once. Nodes are named ``{node_prefix(layer)}/{Op}``
 (``/model/layers.0/mlp/down_proj/MatMulNBits``), initializers ``{layer}.{role}``
 (``model.layers.0.mlp.down_proj.weight_q``), so both are deterministic and unique per layer.
 ``planned_op_counts`` and ``graph_op_counts`` count the nodes a plan implies and a graph
@@ -21,7 +26,7 @@ holds, keyed alike. Reads and writes nothing but the builder it is given.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import onnx
@@ -31,7 +36,7 @@ from quantcal import qmath
 from quantcal.errors import QuantcalError
 from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
 from quantcal.formats import FP16, W8A8, BlockQuant, Format, Int4, Int8
-from quantcal.packing import pack_matmulnbits
+from quantcal.packing import MatMulNBitsWeight, pack_gather_block_quantized, pack_matmulnbits
 
 ACT_BITS = 8
 QParams = Mapping[str, torch.Tensor]
@@ -63,24 +68,45 @@ def _block_codes(fmt: BlockQuant, w: torch.Tensor, qp: QParams) -> torch.Tensor:
     return codes.cpu().to(torch.uint8)
 
 
-def _emit_block(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: BlockQuant,
-                qp: QParams, act_qp: QParams | None) -> str:
+def _block_qparams(layer: str, fmt: BlockQuant, w: torch.Tensor, qp: QParams
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes ``(N, K)``, scales ``(N, G)`` and zero points ``(N, G)`` (None if symmetric)."""
     scale, zero = qp["scale"].cpu().float(), qp["zero"].cpu().float()  # (N, G) each
     if fmt.symmetric and not bool((zero == float(1 << (fmt.bits - 1))).all()):
         raise QuantcalError(f"{layer}: {fmt.name} qparams have zero points other than "
                             f"{1 << (fmt.bits - 1)}; re-run `quantcal calibrate`")
-    packed = pack_matmulnbits(_block_codes(fmt, w, qp), scale,
-                              None if fmt.symmetric else zero, fmt.bits, fmt.group_size)
-    inputs = [
-        x,
+    return _block_codes(fmt, w, qp), scale, None if fmt.symmetric else zero
+
+
+def pack_block(layer: str, fmt: BlockQuant, w: torch.Tensor, qp: QParams
+               ) -> MatMulNBitsWeight:
+    """The MatMulNBits weight of ``layer``'s ``(N, K)`` weight under its qparams."""
+    return pack_matmulnbits(*_block_qparams(layer, fmt, w, qp), fmt.bits, fmt.group_size)
+
+
+def block_initializers(b: GraphBuilder, layer: str, packed: MatMulNBitsWeight) -> list[str]:
+    """``B``, scales and (asymmetric) zero points of a MatMulNBits weight, as initializers."""
+    names = [
         b.initializer(f"{layer}.weight_q", packed.B.numpy()),  # (N, G, blob) uint8
         b.initializer(f"{layer}.weight_scales", _np(packed.scales, b.dtype)),  # (N, G)
     ]
     if packed.zero_points is not None:  # (N, ceil(G * bits / 8)) uint8
-        inputs.append(b.initializer(f"{layer}.weight_zp", packed.zero_points.numpy()))
-    return b.node("MatMulNBits", inputs, name=f"{node_prefix(layer)}/MatMulNBits",
+        names.append(b.initializer(f"{layer}.weight_zp", packed.zero_points.numpy()))
+    return names
+
+
+def matmulnbits(b: GraphBuilder, layer: str, x: str, weight: list[str],
+                packed: MatMulNBitsWeight) -> str:
+    """``x @ dequant(B)^T`` from the initializers :func:`block_initializers` named."""
+    return b.node("MatMulNBits", [x, *weight], name=f"{node_prefix(layer)}/MatMulNBits",
                   domain=MS_DOMAIN, K=packed.K, N=packed.N, bits=packed.bits,
                   block_size=packed.block_size, accuracy_level=0)[0]
+
+
+def _emit_block(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: BlockQuant,
+                qp: QParams, act_qp: QParams | None) -> str:
+    packed = pack_block(layer, fmt, w, qp)
+    return matmulnbits(b, layer, x, block_initializers(b, layer, packed), packed)
 
 
 def _emit_w8a8(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: W8A8,
@@ -141,8 +167,69 @@ def emit_linear(b: GraphBuilder, layer: str, x: str, weight: torch.Tensor,
     return _add_bias(b, layer, y, bias)
 
 
+def _gather_block_quantized(b: GraphBuilder, layer: str, ids: str, weight: list[str],
+                            fmt: BlockQuant, k: int, width: int) -> str:
+    """GatherBlockQuantized of ``weight`` (data ``(V, G * blob)``, scales[, zero points]) at
+    ``ids``, sliced from ``width`` (whole blocks) to ``k`` columns."""
+    p = node_prefix(layer)
+    (y,) = b.node("GatherBlockQuantized", [weight[0], ids, *weight[1:]],
+                  name=f"{p}/GatherBlockQuantized", domain=MS_DOMAIN, bits=fmt.bits,
+                  block_size=fmt.group_size, gather_axis=0, quantize_axis=1)  # (..., width)
+    if width == k:
+        return y
+    bounds = [b.const(f"{layer}.slice_{n}", [v]) for n, v in (("starts", 0), ("ends", k),
+                                                              ("axes", -1))]
+    return b.node("Slice", [y, *bounds], name=f"{p}/Slice")[0]  # (..., K)
+
+
+def emit_embedding(b: GraphBuilder, layer: str, ids: str, table: torch.Tensor, fmt: Format,
+                   qp: QParams) -> str:
+    """Append the rows ``ids`` of a token embedding in format ``fmt``.
+
+    Args:
+        layer: module name (``model.embed_tokens``); an fp16 table is the initializer
+            ``{layer}.weight``.
+        ids: name of the int64 token ids, any shape.
+        table: the ``(V, H)`` float table.
+        fmt: fp16 (``Gather``) or a block format (``GatherBlockQuantized``).
+        qp: the table's qparams for ``fmt`` (``{}`` for fp16).
+    Returns:
+        The name of the output tensor, ``(..., H)`` in ``b.dtype``.
+    """
+    if isinstance(fmt, FP16):
+        init = b.initializer(f"{layer}.weight", _np(table, b.dtype))  # (V, H)
+        return b.node("Gather", [init, ids], name=f"{node_prefix(layer)}/Gather")[0]
+    if not isinstance(fmt, BlockQuant):
+        raise QuantcalError(f"{layer}: an embedding takes fp16, int8 or int4-gN, not {fmt.name}")
+    table = table.detach()
+    packed = pack_gather_block_quantized(*_block_qparams(layer, fmt, table, qp), fmt.bits,
+                                         fmt.group_size, blocks=fmt.gather_blocks(table.shape[1]))
+    weight = [
+        b.initializer(f"{layer}.weight_q", packed.data.numpy()),  # (V, G * blob) uint8
+        b.initializer(f"{layer}.weight_scales", _np(packed.scales, b.dtype)),  # (V, G)
+    ]
+    if packed.zero_points is not None:  # (V, ceil(G * bits / 8)) uint8
+        weight.append(b.initializer(f"{layer}.weight_zp", packed.zero_points.numpy()))
+    return _gather_block_quantized(b, layer, ids, weight, fmt, packed.K, packed.width)
+
+
+def gather_shared(b: GraphBuilder, layer: str, ids: str, weight: list[str],
+                  packed: MatMulNBitsWeight, fmt: BlockQuant) -> str:
+    """Rows ``ids`` of the table stored as a tied head's MatMulNBits initializers ``weight``
+    (:func:`block_initializers`): ``B`` reshaped to ``(V, G * blob)``, scales and zero points
+    as they are. Returns ``(..., H)``."""
+    shape = b.const(f"{layer}.weight_q_shape", [packed.N, -1])
+    (data,) = b.node("Reshape", [weight[0], shape], name=f"{node_prefix(layer)}/weight/Reshape")
+    return _gather_block_quantized(b, layer, ids, [data, *weight[1:]], fmt, packed.K,
+                                   packed.n_blocks * packed.block_size)
+
+
 def _block_ops(fmt: BlockQuant) -> dict[str, int]:
     return {f"MatMulNBits.bits{fmt.bits}": 1}
+
+
+def _gather_ops(fmt: BlockQuant) -> dict[str, int]:
+    return {f"GatherBlockQuantized.bits{fmt.bits}": 1}
 
 
 _OPS: dict[type, Callable[[Format], dict[str, int]]] = {
@@ -153,25 +240,38 @@ _OPS: dict[type, Callable[[Format], dict[str, int]]] = {
 }
 
 
-def planned_op_counts(formats: Mapping[str, Format]) -> dict[str, int]:
-    """Nodes the linear layers of a plan emit, bias ``Add`` aside.
+_EMBEDDING_OPS: dict[type, Callable[[Format], dict[str, int]]] = {
+    FP16: lambda fmt: {},  # a plain Gather, not counted
+    Int4: _gather_ops,
+    Int8: _gather_ops,
+}
 
-    Keys are ``MatMul``, ``MatMulNBits.bits4``, ``MatMulNBits.bits8``, ``QuantizeLinear``
-    and ``DequantizeLinear`` (only those that occur), as :func:`graph_op_counts` counts them.
+
+def planned_op_counts(formats: Mapping[str, Format], embeddings: Collection[str] = ()
+                      ) -> dict[str, int]:
+    """Nodes the layers of a plan emit, bias ``Add`` aside.
+
+    Keys are ``MatMul``, ``MatMulNBits.bits4``, ``MatMulNBits.bits8``, ``QuantizeLinear``,
+    ``DequantizeLinear`` and ``GatherBlockQuantized.bits4|8`` (only those that occur), as
+    :func:`graph_op_counts` counts them.
+
+    Args:
+        embeddings: the names in ``formats`` that are embeddings (gathered, not multiplied).
     """
     total: Counter[str] = Counter()
-    for fmt in formats.values():
-        total.update(_OPS[type(fmt)](fmt))
+    for name, fmt in formats.items():
+        total.update((_EMBEDDING_OPS if name in embeddings else _OPS)[type(fmt)](fmt))
     return dict(total)
 
 
 _COUNTED = frozenset({"MatMul", "QuantizeLinear", "DequantizeLinear"})
+_BY_BITS = ("MatMulNBits", "GatherBlockQuantized")
 
 
 def _op_key(node: onnx.NodeProto) -> str:
-    if node.op_type == "MatMulNBits":
+    if node.op_type in _BY_BITS:
         bits = next(a.i for a in node.attribute if a.name == "bits")
-        return f"MatMulNBits.bits{bits}"
+        return f"{node.op_type}.bits{bits}"
     return node.op_type
 
 
@@ -186,4 +286,4 @@ def graph_op_counts(model: onnx.ModelProto, layers: Mapping[str, object] | None 
     prefixes = None if layers is None else tuple(node_prefix(n) + "/" for n in layers)
     keys = [_op_key(n) for n in model.graph.node
             if prefixes is None or n.name.startswith(prefixes)]
-    return dict(Counter(k for k in keys if k in _COUNTED or k.startswith("MatMulNBits")))
+    return dict(Counter(k for k in keys if k in _COUNTED or k.startswith(_BY_BITS)))

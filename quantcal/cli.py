@@ -54,7 +54,8 @@ def budget_options(f):
                      help="Keep layers matching this glob in fp16 (repeatable), e.g. 'lm_head'."),
         click.option("--force", multiple=True, metavar="PATTERN=FORMAT",
                      help="Force layers matching a glob to a format (repeatable), "
-                     "e.g. '*.down_proj=int8'."),
+                     "e.g. '*.down_proj=int8'; the token embedding stays fp16 unless forced, "
+                     "e.g. 'model.embed_tokens=int4-g32'."),
     ]
     for opt in reversed(opts):
         f = opt(f)

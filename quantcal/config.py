@@ -179,8 +179,8 @@ class RunRecord(Strict):
 
     config: CalibrateConfig
     layers: dict[str, LayerInfo] = field(default_factory=dict)
-    other_param_bytes: int = 0  # fp16 bytes outside the planned layers (embeddings, norms)
-    tied_lm_head: bool = False
+    other_param_bytes: int = 0  # fp16 bytes besides the linear layers (embedding table, norms)
+    tied_lm_head: bool = False  # the head's weight is the embedding table
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str = ""

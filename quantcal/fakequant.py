@@ -5,8 +5,12 @@ compares against (sensitivity, plan KL, export parity, the torch evaluation back
 weight the exported model will multiply by (GPTQ codes when present, else the codes the
 qparams give). ``FakeQuantLinear`` stands in for an ``nn.Linear`` or GPT-2 ``Conv1D``:
 it multiplies by that weight and, for ``w8a8``, first fake-quantizes its input with the
-static activation scale. ``fake_quantized`` swaps such modules in for a set of layers and
-always restores the originals.
+static activation scale. ``FakeQuantEmbedding`` stands in for the token embedding: its rows
+are the dequantized table. A head tied to the embedding shares one ``nn.Parameter`` with it;
+each gets its own stand-in (the modules are swapped, never the parameter), and an embedding
+planned in its tied head's format uses the head's qparams (:func:`embedding_qparams`), as
+the export stores that matrix once for both. ``swapped`` swaps stand-ins in for a set of
+layers and always restores the originals.
 """
 
 from __future__ import annotations
@@ -71,11 +75,29 @@ class FakeQuantLinear(nn.Module):
                                     None if self.bias is None else self.bias.to(x.dtype))
 
 
+class FakeQuantEmbedding(nn.Module):
+    """``w_hat[ids]``; stands in for an ``nn.Embedding`` with a ``(V, H)`` table."""
+
+    def __init__(self, w_hat: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", w_hat)  # (V, H)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight)  # (..., H)
+
+
 def fake_quant_module(module: nn.Module, fmt: Format, qp: Mapping[str, torch.Tensor],
                       act_qp: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-    """A :class:`FakeQuantLinear` for ``module`` (whose ``(N, K)`` weight is ``w``)."""
+    """A :class:`FakeQuantLinear` for ``module`` (whose ``(N, K)`` weight is ``w``), or a
+    :class:`FakeQuantEmbedding` for an ``nn.Embedding`` (``(V, H)`` table, groups along H)."""
     from quantcal.models import weight_matrix
 
+    if isinstance(module, nn.Embedding):
+        if not isinstance(fmt, BlockQuant):
+            raise QuantcalError(f"an embedding takes a weight-only format (int8, int4-gN), "
+                                f"not {fmt.name}")
+        table = module.weight.detach()
+        return FakeQuantEmbedding(quantized_weight(fmt, table, qp).to(table.dtype))
     w = weight_matrix(module).detach()
     w_hat = quantized_weight(fmt, w, qp).to(w.dtype)
     act = None
@@ -125,11 +147,33 @@ def act_qparams(qparams: Mapping[str, torch.Tensor], layer: str) -> dict[str, to
     return found or None
 
 
+def embedding_qparams(model: nn.Module, name: str, formats: Mapping[str, Format],
+                      qparams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The qparams of the token embedding ``name`` for its format in ``formats``: its tied
+    head's when the head has the same format (one quantized matrix serves both), else its own.
+    """
+    from quantcal.models import family_of
+
+    fmt = formats[name]
+    head_name = family_of(model).lm_head
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_submodule(name).weight
+    source = head_name if tied and formats.get(head_name) == fmt else name
+    return layer_qparams(qparams, source, fmt)
+
+
 def fake_quant_modules(model: nn.Module, formats: Mapping[str, Format],
                        qparams: Mapping[str, torch.Tensor]) -> dict[str, nn.Module]:
-    """Fake-quant stand-ins for every layer whose format is not fp16."""
-    return {
-        name: fake_quant_module(model.get_submodule(name), fmt,
-                                layer_qparams(qparams, name, fmt), act_qparams(qparams, name))
-        for name, fmt in formats.items() if not isinstance(fmt, FP16)
-    }
+    """Fake-quant stand-ins for every layer whose format is not fp16, embedding included."""
+    out = {}
+    for name, fmt in formats.items():
+        if isinstance(fmt, FP16):
+            continue
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            out[name] = fake_quant_module(module, fmt,
+                                          embedding_qparams(model, name, formats, qparams))
+        else:
+            out[name] = fake_quant_module(module, fmt, layer_qparams(qparams, name, fmt),
+                                          act_qparams(qparams, name))
+    return out

@@ -8,6 +8,9 @@ canonical spelling and round-trips through ``parse_format``.
 Sizes are counted the way the exported ONNX model stores them: an ``(N, K)`` weight of a
 MatMulNBits format holds ``ceil(K / group)`` blocks per output row, each block of
 ``group * bits / 8`` bytes plus one fp16 scale and, when asymmetric, one packed zero point.
+A token embedding ``(V, H)`` in a block format is stored the same way (GatherBlockQuantized,
+groups along H), see :meth:`Format.embedding_bytes`; :func:`shares_tied_weight` says when a
+tied head and its embedding are stored once.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class Format:
     def bits_per_weight(self, n: int, k: int) -> float:
         """Average stored bits per weight element of an (N, K) weight, overhead counted."""
         return 8.0 * self.weight_bytes(n, k) / (n * k)
+
+    def embedding_bytes(self, v: int, h: int) -> int:
+        """Bytes a ``(V, H)`` token embedding table takes in the exported model."""
+        return self.weight_bytes(v, h)
 
     def __str__(self) -> str:
         return self.name
@@ -96,6 +103,17 @@ class BlockQuant(Format):
         zeros = 0 if self.symmetric else math.ceil(blocks * self.bits / 8)
         return n * (codes + scales + zeros)
 
+    def gather_blocks(self, k: int) -> int:
+        """Blocks per row of a GatherBlockQuantized table of K columns: ``n_blocks(k)``, made
+        even for asymmetric 4-bit. onnxruntime's CPU kernel packs 4-bit zero points per row,
+        its CUDA kernels across rows, and the two agree only when a row has an even number of
+        blocks; the extra block is padding the graph slices off."""
+        blocks = self.n_blocks(k)
+        return blocks + blocks % 2 if self.bits == 4 and not self.symmetric else blocks
+
+    def embedding_bytes(self, v: int, h: int) -> int:
+        return self.weight_bytes(v, self.gather_blocks(h) * self.group_size)
+
 
 @dataclass(frozen=True)
 class Int4(BlockQuant):
@@ -146,6 +164,18 @@ class W8A8(Format):
 
 
 _PATTERN = re.compile(r"^(fp16|w8a8|int8|int4)(?:-g(\d+))?(-sym)?$")
+
+
+def shares_tied_weight(embedding: Format, head: Format, hidden: int) -> bool:
+    """Whether a head tied to the embedding is stored once with it: both fp16 (the head
+    multiplies by the embedding table), or the same block format with a table that needs no
+    padding (:meth:`BlockQuant.gather_blocks`), whose GatherBlockQuantized reads the head's
+    MatMulNBits weight. Otherwise each is stored in its own format."""
+    if embedding != head:
+        return False
+    return isinstance(embedding, FP16) or (
+        isinstance(embedding, BlockQuant)
+        and embedding.gather_blocks(hidden) == embedding.n_blocks(hidden))
 
 
 def parse_format(text: str | Format) -> Format:

@@ -21,21 +21,21 @@ from quantcal.errors import QuantcalError
 
 @dataclass(frozen=True)
 class Family:
-    """Where the parts of one model family live (dotted module paths)."""
+    """Where the parts of one model family live (dotted module paths). ``embedding`` is the
+    token embedding (GPT-2's learned positions, ``wpe``, are not quantizable)."""
 
     name: str
     model_types: tuple[str, ...]
     blocks: str
-    embeddings: tuple[str, ...]
+    embedding: str
     final_norm: str
     lm_head: str = "lm_head"
 
 
 FAMILIES = (
-    Family("llama", ("llama", "mistral", "qwen2"), "model.layers", ("model.embed_tokens",),
+    Family("llama", ("llama", "mistral", "qwen2"), "model.layers", "model.embed_tokens",
            "model.norm"),
-    Family("gpt2", ("gpt2",), "transformer.h", ("transformer.wte", "transformer.wpe"),
-           "transformer.ln_f"),
+    Family("gpt2", ("gpt2",), "transformer.h", "transformer.wte", "transformer.ln_f"),
 )
 SUPPORTED = tuple(t for f in FAMILIES for t in f.model_types)
 
@@ -76,16 +76,16 @@ def blocks_of(model: nn.Module, family: Family) -> nn.ModuleList:
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, LayerInfo]:
-    """Every quantizable module by name, in model order, plus embeddings (kind ``embedding``).
+    """Every quantizable module by name, in model order: the token embedding (kind
+    ``embedding``, its ``(V, H)`` table as ``out_features=V``, ``in_features=H``), then every
+    linear layer.
 
-    ``block`` is the decoder block index; None for embeddings and the head.
+    ``block`` is the decoder block index; None for the embedding and the head.
     """
     family = family_of(model)
     prefix = family.blocks + "."
-    layers: dict[str, LayerInfo] = {}
-    for name in family.embeddings:
-        emb = model.get_submodule(name)
-        layers[name] = LayerInfo("embedding", emb.embedding_dim, emb.num_embeddings)
+    emb = model.get_submodule(family.embedding)
+    layers = {family.embedding: LayerInfo("embedding", emb.embedding_dim, emb.num_embeddings)}
     for name, module in model.named_modules():
         if not is_quantizable(module):
             continue

@@ -1,4 +1,5 @@
-"""Packing of quantized weights into the layout of onnxruntime's ``MatMulNBits`` (com.microsoft).
+"""Packing of quantized weights into the layouts of onnxruntime's ``MatMulNBits`` and
+``GatherBlockQuantized`` (com.microsoft).
 
 ``MatMulNBits`` computes ``Y = A @ dequant(B)^T`` for an ``(N, K)`` weight quantized in blocks
 of ``block_size`` along K. Its inputs, for ``G = ceil(K / block_size)`` blocks per row:
@@ -10,6 +11,13 @@ of ``block_size`` along K. Its inputs, for ``G = ceil(K / block_size)`` blocks p
   flat ``(N * G,)`` of older exporters.
 - ``zero_points`` (optional): uint8 ``(N, ceil(G * bits / 8))``, codes packed the same way
   along G; absent means ``2**(bits - 1)`` (symmetric).
+
+``GatherBlockQuantized`` (uint8 data, ``gather_axis=0``, ``quantize_axis=1``) returns rows of a
+``(V, K)`` table quantized in blocks along K. Its data is MatMulNBits' ``B`` with each row's
+blocks laid end to end, ``(V, G * blob)``; scales ``(V, G)`` and zero points
+``(V, ceil(G * bits / 8))`` are MatMulNBits'. So a head tied to the embedding can share all
+three (``B`` through a Reshape). The node returns ``G * block_size`` columns; the graph slices
+them to K.
 
 All functions are pure and take/return torch tensors.
 """
@@ -126,3 +134,51 @@ def dequantize_matmulnbits(w: MatMulNBitsWeight) -> torch.Tensor:
     q, scale, zero = unpack_matmulnbits(w)
     qg = group_view(q.float(), w.block_size)  # (N, G, block)
     return ungroup((qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1), w.K)
+
+
+@dataclass(frozen=True)
+class GatherBlockQuantizedWeight:
+    """The constant inputs and attributes of one GatherBlockQuantized node."""
+
+    data: torch.Tensor  # (V, G * blob) uint8
+    scales: torch.Tensor  # (V, G) float
+    zero_points: torch.Tensor | None  # (V, ceil(G * bits / 8)) uint8, or None (symmetric)
+    K: int
+    bits: int
+    block_size: int
+
+    @property
+    def width(self) -> int:
+        """Columns the node returns: K padded to whole blocks."""
+        return self.scales.shape[1] * self.block_size
+
+
+def pack_gather_block_quantized(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    blocks: int | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> GatherBlockQuantizedWeight:
+    """Pack a ``(V, K)`` table's codes with ``(V, G)`` qparams into GatherBlockQuantized inputs.
+
+    Args:
+        q, scale, zero, bits, block_size, scale_dtype: as for :func:`pack_matmulnbits`.
+        blocks: blocks per row to store (default ``G``); more appends padding blocks, which
+            the graph slices off (see ``BlockQuant.gather_blocks``).
+    """
+    v, k = q.shape
+    groups = math.ceil(k / block_size)
+    blocks = blocks or groups
+    if blocks > groups:  # (V, blocks * block) codes; padding blocks hold zeros
+        q = torch.nn.functional.pad(q, (0, blocks * block_size - k))
+        scale = torch.nn.functional.pad(scale, (0, blocks - groups), value=1.0)
+        if zero is not None:
+            zero = torch.nn.functional.pad(zero, (0, blocks - groups),
+                                           value=float(1 << (bits - 1)))
+    w = pack_matmulnbits(q, scale, zero, bits, block_size, scale_dtype)
+    return GatherBlockQuantizedWeight(
+        data=w.B.reshape(v, -1), scales=w.scales, zero_points=w.zero_points, K=k, bits=bits,
+        block_size=block_size)

@@ -2,7 +2,9 @@
 
 A plan may be edited by hand (change a layer's format, drop entries). It must name only
 layers of the model and formats the run has qparams for; layers it leaves out stay fp16.
-Embeddings stay fp16 (their quantized export is not built yet).
+The token embedding may be fp16 or a weight-only block format (``int8``, ``int4-gN``,
+exported through GatherBlockQuantized); ``w8a8`` quantizes a layer's input activations, and
+an embedding has none.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from typing import Iterable
 
 from quantcal.config import LayerPlan, Plan, RunRecord
 from quantcal.errors import QuantcalError
-from quantcal.formats import FP16, Format
+from quantcal.formats import FP16, BlockQuant, Format
 
 
 def resolved_formats(plan: Plan, record: RunRecord, calibrated: Iterable[str]
                      ) -> dict[str, Format]:
-    """Every planned-for layer's format (fp16 where the plan is silent), or a clear error.
+    """Every planned-for layer's format (fp16 where the plan is silent), the token
+    embedding's included, or a clear error.
 
     Args:
         calibrated: names of the formats ``qparams.safetensors`` holds.
@@ -32,14 +35,15 @@ def resolved_formats(plan: Plan, record: RunRecord, calibrated: Iterable[str]
     for name, info in record.layers.items():
         entry: LayerPlan | None = plan.layers.get(name)
         fmt = entry.format if entry else FP16()
-        if info.kind == "embedding" and not isinstance(fmt, FP16):
-            raise QuantcalError(f"plan asks for {fmt.name} for the embedding {name}; "
-                                "embeddings are exported in fp16 only for now")
+        if info.kind == "embedding" and not isinstance(fmt, (FP16, BlockQuant)):
+            raise QuantcalError(
+                f"plan asks for {fmt.name} for the embedding {name}; an embedding takes fp16, "
+                "int8 or int4-gN (w8a8 quantizes a layer's input activations, and an "
+                "embedding has none)")
         if not isinstance(fmt, FP16) and fmt.name not in have:
             raise QuantcalError(
                 f"plan asks for {fmt.name} for {name}, but the run has no {fmt.name} qparams "
                 f"(it has {', '.join(sorted(have)) or 'none'}); re-run `quantcal calibrate "
                 f"--formats ...` including {fmt.name}, or pick one of those")
-        if info.kind != "embedding":
-            out[name] = fmt
+        out[name] = fmt
     return out

@@ -41,6 +41,11 @@ def test_calibrate_writes_the_run_directory(tiny_model_dir, tmp_path, c4_file):
     qparams, meta = RunDir(run).load_tensors(QPARAMS, "qparams")
     assert meta["formats"] == "int8,int4-g32,w8a8"
     assert any(k.endswith("/act/scale") for k in qparams)
+    (emb,) = [n for n, i in record.layers.items() if i.kind == "embedding"]  # not GPT-2's wpe
+    vocab, hidden = record.layers[emb].out_features, record.layers[emb].in_features
+    assert qparams[f"{emb}/int4-g32/scale"].shape == (vocab, hidden // 32)  # groups along H
+    assert qparams[f"{emb}/int8/zero"].shape == (vocab, -(-hidden // 128))
+    assert not any(k.startswith(f"{emb}/w8a8/") or k.startswith(f"{emb}/act/") for k in qparams)
     assert {"load_s", "stats_s", "qparams_s", "tokens_per_s"} <= set(record.timings)
 
 

@@ -63,6 +63,8 @@ def test_plan_round_trips_and_replans(planned_run, tmp_path):
     (["--keep", "nothing.matches"], "matches no layer"),
     (["--force", "*=int4-g128"], "no int4-g128 qparams"),
     (["--keep", "lm_head", "--force", "lm_head=int8"], "conflicting rules"),
+    (["--force", "model.embed_tokens=w8a8"], "is an embedding, which takes fp16, int8 or int4"),
+    (["--force", "model.embed_tokens=int4-g128"], "no int4-g128 qparams"),
 ])
 def test_impossible_budgets_and_rules(planned_run, args, words):
     res = CliRunner().invoke(cli, ["plan", "--run", str(planned_run.path), "--no-measure",
@@ -91,6 +93,38 @@ def test_edited_plan_validates_and_bad_edits_are_rejected(planned_run):
     bad["layers"][name]["format"] = "int5"
     with pytest.raises(QuantcalError, match="unknown format"):
         Plan.from_dict(bad)
+    # a hand-written embedding entry: a block format validates, w8a8 does not
+    emb = dict(data["layers"][name], format="int8", reason="user")
+    edited = json.loads(json.dumps(data))
+    edited["layers"]["model.embed_tokens"] = emb
+    formats = resolved_formats(Plan.from_dict(edited), record, ["int8", "int4-g64", "int4-g32"])
+    assert formats["model.embed_tokens"].name == "int8"
+    edited["layers"]["model.embed_tokens"]["format"] = "w8a8"
+    with pytest.raises(QuantcalError, match="an embedding takes fp16, int8 or int4-gN"):
+        resolved_formats(Plan.from_dict(edited), record, ["int8", "w8a8"])
+
+
+def test_force_puts_the_embedding_in_the_plan(planned_run, tmp_path):
+    """The budget never quantizes the embedding (no score); --force does, with its bytes
+    in place of the fp16 table's, and the measured KL covers it."""
+    emb = "model.embed_tokens"
+    assert emb not in planned_run.read_plan().layers
+    record = planned_run.read_run()
+    out = tmp_path / "emb.json"
+    res = CliRunner().invoke(cli, ["plan", "--run", str(planned_run.path), "--target-bits", "10",
+                                   "--keep", "lm_head", "--force", f"{emb}=int4-g32", "-o",
+                                   str(out)])
+    assert res.exit_code == 0, res.output
+    plan = planned_run.read_plan(out)
+    entry = plan.layers[emb]
+    assert entry.format.name == "int4-g32" and entry.score is None
+    assert entry.reason == f"rule: --force {emb}=int4-g32"
+    assert entry.bytes == entry.format.embedding_bytes(512, 64)
+    table = 2 * 512 * 64  # the untied head is planned; the fp16 table was in other_param_bytes
+    assert plan.predicted_size_bytes == (sum(p.bytes for p in plan.layers.values())
+                                         + record.other_param_bytes - table)
+    assert plan.kl_measured is not None and plan.kl_measured > 0
+    assert resolved_formats(plan, record, ["int8", "int4-g64", "int4-g32"])[emb] == entry.format
 
 
 def test_planner_equals_brute_force_on_the_tiny_models_scores(planned_run):

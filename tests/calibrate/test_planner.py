@@ -8,7 +8,8 @@ import random
 import pytest
 
 from quantcal.calibrate.planner import Candidate, Rules, apply_rules, solve
-from quantcal.calibrate.plans import parse_size
+from quantcal.calibrate.plans import make_plan, parse_size
+from quantcal.config import Budget, CalibrateConfig, LayerInfo, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError
 from quantcal.formats import FP16, Int4, Int8, parse_format
 
@@ -74,6 +75,26 @@ def test_rules_pin_layers_and_conflicts_are_errors():
         Rules.parse((), ("int8",))
 
 
+def test_optional_layers_enter_the_plan_only_when_forced():
+    """An embedding (optional) is matched by rules like any layer but stays out of the plan
+    (fp16) unless a rule pins it to a quantized format; w8a8 is a clear error for it."""
+    cands = _random_problem(random.Random(2), layers=2)
+    emb = "model.embed_tokens"
+    cands[emb] = [Candidate(f, f.embedding_bytes(512, 64), 0.0) for f in FORMATS]
+    narrowed, why = apply_rules(cands, Rules(), optional={emb})
+    assert emb not in narrowed and emb not in why and len(narrowed) == 2
+    narrowed, why = apply_rules(cands, Rules.parse(("*",)), optional={emb})  # kept: fp16
+    assert emb not in narrowed and why["model.layers.0.proj"].startswith("rule: --keep")
+    narrowed, why = apply_rules(cands, Rules.parse((), (f"{emb}=int4-g32",)), optional={emb})
+    assert [c.fmt for c in narrowed[emb]] == [Int4(32)] and why[emb].startswith("rule: --force")
+    with pytest.raises(QuantcalError, match="is an embedding, which takes fp16, int8 or int4"):
+        apply_rules(cands, Rules.parse((), (f"{emb}=w8a8",)), optional={emb})
+    with pytest.raises(QuantcalError, match="no int4-g64 qparams"):
+        apply_rules(cands, Rules.parse((), (f"{emb}=int4-g64",)), optional={emb})
+    with pytest.raises(QuantcalError, match="conflicting rules"):
+        apply_rules(cands, Rules.parse(("*",), (f"{emb}=int8",)), optional={emb})
+
+
 @pytest.mark.parametrize("text, value", [("90MB", 90_000_000), ("1.5GB", 1_500_000_000),
                                          ("500MiB", 500 * 2**20), ("1234", 1234)])
 def test_parse_size(text, value):
@@ -90,3 +111,50 @@ def test_infeasible_solve_is_an_error():
     with pytest.raises(QuantcalError):
         solve(cands, max_bytes=1)
     assert parse_format("int4-g32") in {c.fmt for c in cands["model.layers.0.proj"]}
+
+
+VOCAB, HIDDEN, OTHER = 512, 64, 3000  # OTHER: norms and such, besides the fp16 table
+TABLE = 2 * VOCAB * HIDDEN
+
+
+def _record(tied: bool) -> RunRecord:
+    formats = (Int8(), Int4(32), Int4(64))
+    layers = {"model.embed_tokens": LayerInfo("embedding", HIDDEN, VOCAB),
+              "model.layers.0.mlp.up_proj": LayerInfo("linear", HIDDEN, 128, 0),
+              "lm_head": LayerInfo("linear", HIDDEN, VOCAB)}
+    # tied or not, the fp16 table is outside the planned linear layers (as calibrate counts)
+    return RunRecord(config=CalibrateConfig(model="m", formats=formats), layers=layers,
+                     other_param_bytes=TABLE + OTHER, tied_lm_head=tied)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("emb, head, shared", [
+    (None, "fp16", True),  # the head multiplies by the fp16 table
+    ("int4-g32", "int4-g32", True),  # one packed table for both
+    ("int4-g32", "fp16", False),  # the head needs its own fp16 weight
+    ("int4-g32", "int8", False),
+    ("int4-g64", "int4-g64", False),  # one asymmetric 4-bit block per row: padded, twice
+])
+def test_plan_size_counts_the_embedding_and_a_tied_head_once(tied, emb, head, shared):
+    record = _record(tied)
+    sens = SensitivityRecord("fast", record.config.formats, {
+        n: {f.name: 0.1 for f in record.config.formats} for n in ("model.layers.0.mlp.up_proj",
+                                                                 "lm_head")})
+    force = (f"lm_head={head}",) + ((f"model.embed_tokens={emb}",) if emb else ())
+    plan = make_plan(record, sens, Budget("target_bits", 16.0), Rules.parse((), force))
+    up, head_bytes = (plan.layers[n].bytes for n in ("model.layers.0.mlp.up_proj", "lm_head"))
+    assert head_bytes == parse_format(head).weight_bytes(VOCAB, HIDDEN)
+    table = TABLE
+    if emb:
+        entry = plan.layers["model.embed_tokens"]
+        assert entry.score is None and entry.reason.startswith("rule: --force")
+        table = entry.bytes
+        assert table == parse_format(emb).embedding_bytes(VOCAB, HIDDEN)
+    else:
+        assert "model.embed_tokens" not in plan.layers
+    stored_head = 0 if tied and shared else head_bytes
+    assert plan.predicted_size_bytes == up + table + stored_head + OTHER
+    # the same count holds when the plan is solved for a size
+    sized = make_plan(record, sens, Budget("max_size", float(plan.predicted_size_bytes)),
+                      Rules.parse((), force))
+    assert sized.predicted_size_bytes <= plan.predicted_size_bytes

@@ -1,7 +1,7 @@
 """Scoring backends on tiny random models: the torch model and its fp32 ONNX export score
 and generate alike, loglikelihood is lm-eval's (checked by hand), batching changes nothing,
-a run's plan applied as fake-quant changes the scores (and matches that plan's export), and
-``make_backend`` picks the right backend or says what is missing."""
+a run's plan (token embedding included) applied as fake-quant changes the scores (and matches
+that plan's export), and ``make_backend`` picks the right backend or says what is missing."""
 
 from __future__ import annotations
 
@@ -150,13 +150,15 @@ def quant_run(tiny_llama_dir, shared_data, tmp_path_factory):
         "calibrate", "--model", str(tiny_llama_dir), "--data",
         str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4", "--seq-len",
         "32", "--batch-size", "2", "--sensitivity", "fast", "--sensitivity-samples", "2",
-        "--formats", "int4-g32", "--target-bits", "5", "--run", str(run)])
+        "--formats", "int4-g32", "--target-bits", "5", "--force",
+        "model.embed_tokens=int4-g32", "--run", str(run)])
     assert res.exit_code == 0, res.output
     return RunDir(run)
 
 
 def test_fake_quant_plan_changes_scores_and_matches_its_export(tiny_llama_dir, quant_run,
                                                                llama_pair, requests_):
+    assert quant_run.read_plan().layers["model.embed_tokens"].format.name == "int4-g32"
     fp = llama_pair[0].loglikelihood(requests_)
     fq = TorchBackend.from_pretrained(str(tiny_llama_dir), "cpu", torch.float32,
                                       plan_run=quant_run, batch_size=4)

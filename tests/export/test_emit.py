@@ -1,5 +1,7 @@
 """export.emit: one layer per format, run in onnxruntime (CPU), against the torch reference
-``FakeQuantLinear`` built from the same weights and qparams; node names and op counts."""
+``FakeQuantLinear`` built from the same weights and qparams; the token embedding likewise
+against ``FakeQuantEmbedding``, alone or sharing a tied head's table; node names and op
+counts."""
 
 from __future__ import annotations
 
@@ -10,12 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from quantcal.calibrate.qparams import activation_qparams, format_qparams
+from quantcal.calibrate.qparams import (
+    activation_qparams, compute_embedding_qparams, format_qparams,
+)
 from quantcal.calibrate.stats import LayerStats
 from quantcal.errors import QuantcalError
 from quantcal.export.builder import GraphBuilder
-from quantcal.export.emit import emit_linear, graph_op_counts, planned_op_counts
-from quantcal.fakequant import fake_quant_module
+from quantcal.export.emit import (
+    block_initializers, emit_embedding, emit_linear, gather_shared, graph_op_counts,
+    matmulnbits, pack_block, planned_op_counts,
+)
+from quantcal.fakequant import fake_quant_module, layer_qparams
 from quantcal.formats import FP16, W8A8, BlockQuant, Format, parse_format
 
 LAYER = "model.layers.0.mlp.down_proj"
@@ -215,3 +222,123 @@ def test_op_counts_of_a_plan() -> None:
     assert graph_op_counts(model, {"lm_head": FP16()}) == {"MatMul": 1}
     results = _run(model, x.numpy())
     assert len(results.shape) == 3  # all five layers ran side by side
+
+
+EMB = "model.embed_tokens"
+EMB_PREFIX = "/model/embed_tokens"
+V, H = 96, 200  # H is a multiple of no group size: the last block is padded
+IDS = np.array([[0, 5, V - 1, 5], [17, 2, 40, 1]], np.int64)
+
+
+def _embedding(seed: int = 3) -> nn.Embedding:
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(V, H, generator=g) * 0.05
+    table[:, 11] *= 8.0
+    return nn.Embedding.from_pretrained(table)
+
+
+def _table_qparams(fmt: Format, emb: nn.Embedding) -> dict[str, torch.Tensor]:
+    if isinstance(fmt, FP16):
+        return {}
+    return layer_qparams(compute_embedding_qparams({EMB: emb.weight}, (fmt,)), EMB, fmt)
+
+
+def _embedding_graph(fmt: Format, emb: nn.Embedding, qp, dtype=np.float32) -> onnx.ModelProto:
+    b = GraphBuilder(dtype)
+    ids = b.input("ids", onnx.TensorProto.INT64, ["B", "S"])
+    y = emit_embedding(b, EMB, ids, emb.weight, fmt, qp)
+    b.output(y, b.elem_type, ["B", "S", H])
+    model = b.model()
+    onnx.checker.check_model(model)
+    return model
+
+
+def _rows(model: onnx.ModelProto) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"ids": IDS})[0]
+
+
+def _reference_rows(fmt: Format, emb: nn.Embedding, qp) -> np.ndarray:
+    with torch.no_grad():
+        if isinstance(fmt, FP16):
+            return emb(torch.from_numpy(IDS)).numpy()
+        return fake_quant_module(emb, fmt, qp)(torch.from_numpy(IDS)).numpy()
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "int8-g32", "int4-g32", "int4-g64",
+                                  "int4-g128", "int4-g128-sym", "int4-g32-sym"])
+def test_embedding_matches_fake_quant(name: str) -> None:
+    fmt, emb = parse_format(name), _embedding()
+    qp = _table_qparams(fmt, emb)
+    out = _rows(_embedding_graph(fmt, emb, qp))
+    ref = _reference_rows(fmt, emb, qp)
+    assert out.shape == (2, 4, H)
+    np.testing.assert_array_equal(out, ref)  # the same (q - z) * s in fp32
+    if not isinstance(fmt, FP16):
+        assert _rel_err(out, emb(torch.from_numpy(IDS)).detach().numpy()) > 1e-3  # real
+    half = _rows(_embedding_graph(fmt, emb, _fp16_qparams(qp), np.float16))
+    assert half.dtype == np.float16
+    assert _rel_err(half, _reference_rows(fmt, emb, _fp16_qparams(qp))) <= 1e-3
+
+
+@pytest.mark.parametrize("name, nodes, blocks", [
+    ("fp16", ["Gather"], None),
+    ("int4-g32", ["GatherBlockQuantized", "Slice"], 8),  # 7 blocks, padded to 8
+    ("int4-g64-sym", ["GatherBlockQuantized", "Slice"], 4),
+    ("int8-g32", ["GatherBlockQuantized", "Slice"], 7),
+])
+def test_embedding_nodes_and_layout(name: str, nodes: list[str], blocks: int | None) -> None:
+    fmt, emb = parse_format(name), _embedding()
+    model = _embedding_graph(fmt, emb, _table_qparams(fmt, emb))
+    assert _nodes(model) == [(op, f"{EMB_PREFIX}/{op}") for op in nodes]
+    assert all(i.name.startswith(EMB + ".") for i in model.graph.initializer)
+    if blocks is None:
+        return
+    node = model.graph.node[0]
+    assert node.domain == "com.microsoft"
+    assert _attrs(node) == {"bits": fmt.bits, "block_size": fmt.group_size, "gather_axis": 0,
+                            "quantize_axis": 1}
+    inits = {i.name: i for i in model.graph.initializer}
+    assert list(inits[f"{EMB}.weight_q"].dims) == [V, blocks * fmt.group_size * fmt.bits // 8]
+    assert list(inits[f"{EMB}.weight_scales"].dims) == [V, blocks]
+
+
+def test_tied_head_and_embedding_share_one_table() -> None:
+    """GatherBlockQuantized reads the head's MatMulNBits initializers (B reshaped to 2-D):
+    the rows are the embedding's fake-quant rows and the head multiplies by the same table."""
+    fmt, emb = parse_format("int4-g32-sym"), _embedding()
+    qp = _table_qparams(fmt, emb)
+    b = GraphBuilder()
+    ids = b.input("ids", onnx.TensorProto.INT64, ["B", "S"])
+    x = b.input("x", b.elem_type, ["B", "T", H])
+    packed = pack_block(EMB, fmt, emb.weight, qp)
+    weight = block_initializers(b, EMB, packed)
+    rows = gather_shared(b, EMB, ids, weight, packed, fmt)
+    logits = matmulnbits(b, "lm_head", x, weight, packed)
+    b.output(rows, b.elem_type, ["B", "S", H])
+    b.output(logits, b.elem_type, ["B", "T", V])
+    model = b.model()
+    onnx.checker.check_model(model)
+    uint8 = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    assert uint8 == [f"{EMB}.weight_q"]  # stored once
+    xs = _inputs()  # (2, 5, H)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got_rows, got_logits = sess.run(None, {"ids": IDS, "x": xs.numpy()})
+    fq = fake_quant_module(emb, fmt, qp)
+    np.testing.assert_array_equal(got_rows, _reference_rows(fmt, emb, qp))
+    ref_logits = (xs @ fq.weight.T).numpy()
+    assert _rel_err(got_logits, ref_logits) <= 1e-5
+    assert graph_op_counts(model, {EMB: fmt, "lm_head": fmt}) == {
+        "GatherBlockQuantized.bits4": 1, "MatMulNBits.bits4": 1}
+
+
+def test_embedding_op_counts_and_errors() -> None:
+    plan = {EMB: parse_format("int4-g32"), "lm_head": parse_format("int8"),
+            "model.layers.0.mlp.up_proj": FP16()}
+    assert planned_op_counts(plan, {EMB}) == {"GatherBlockQuantized.bits4": 1,
+                                              "MatMulNBits.bits8": 1, "MatMul": 1}
+    assert planned_op_counts({**plan, EMB: FP16()}, {EMB}) == {"MatMulNBits.bits8": 1,
+                                                               "MatMul": 1}
+    b = GraphBuilder()
+    with pytest.raises(QuantcalError, match="an embedding takes fp16, int8 or int4-gN"):
+        emit_embedding(b, EMB, "ids", _embedding().weight, W8A8(), {})

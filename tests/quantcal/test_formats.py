@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from quantcal.errors import QuantcalError
-from quantcal.formats import FP16, W8A8, Int4, Int8, parse_format, parse_formats
+from quantcal.formats import (
+    FP16, W8A8, Int4, Int8, parse_format, parse_formats, shares_tied_weight,
+)
 
 
 @pytest.mark.parametrize("text, fmt", [
@@ -49,3 +51,20 @@ def test_formats_are_hashable_and_dispatchable():
     assert [table[type(parse_format(s))] for s in ("int4-g32", "fp16", "w8a8")] == \
         ["nbits", "matmul", "qdq"]
     assert len({Int4(32), Int4(32), Int4(64)}) == 2
+
+
+def test_embedding_bytes_and_tied_sharing():
+    v, h = 1000, 576  # SmolLM2's hidden size: 18 blocks of 32, 9 of 64, 5 (padded) of 128
+    assert FP16().embedding_bytes(v, h) == 2 * v * h
+    assert Int4(32).embedding_bytes(v, h) == Int4(32).weight_bytes(v, h)
+    # an odd number of asymmetric 4-bit blocks is padded to an even one
+    assert Int4(64).gather_blocks(h) == 10 and Int4(64, symmetric=True).gather_blocks(h) == 9
+    assert Int4(64).embedding_bytes(v, h) == Int4(64).weight_bytes(v, 640)
+    assert Int8().gather_blocks(h) == 5  # 8-bit zero points are one byte each
+    assert shares_tied_weight(FP16(), FP16(), h)
+    assert shares_tied_weight(Int4(32), Int4(32), h)
+    assert shares_tied_weight(Int8(), Int8(), h)
+    assert shares_tied_weight(Int4(64, symmetric=True), Int4(64, symmetric=True), h)
+    assert not shares_tied_weight(Int4(64), Int4(64), h)  # padded table: stored twice
+    assert not shares_tied_weight(Int4(32), FP16(), h)
+    assert not shares_tied_weight(Int4(32), Int4(32, symmetric=True), h)

@@ -1,5 +1,6 @@
-"""MatMulNBits packing: bit-level round trips, and parity of a one-node onnxruntime graph
-(CPU provider) against the torch dequantize reference for every bits/group/symmetry."""
+"""MatMulNBits and GatherBlockQuantized packing: bit-level round trips, and parity of
+one-node onnxruntime graphs (CPU provider) against the torch dequantize reference for every
+bits/group/symmetry."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from quantcal.formats import Int4, Int8
 from quantcal.packing import (
-    dequantize_matmulnbits, pack_codes, pack_matmulnbits, unpack_codes, unpack_matmulnbits,
+    dequantize_matmulnbits, pack_codes, pack_gather_block_quantized, pack_matmulnbits,
+    unpack_codes, unpack_matmulnbits,
 )
 from quantcal.qmath import dequantize_weight, quantize_weight, weight_qparams
 
@@ -60,30 +63,28 @@ def test_pack_matmulnbits_round_trip(k, symmetric):
             assert torch.equal(dequantize_matmulnbits(packed), ref)
 
 
-def _matmulnbits_model(packed, m_dtype=TensorProto.FLOAT) -> onnx.ModelProto:
-    inits = [
-        numpy_helper.from_array(packed.B.numpy(), "B"),
-        numpy_helper.from_array(packed.scales.numpy(), "scales"),
-    ]
-    inputs = ["A", "B", "scales"]
-    if packed.zero_points is not None:
-        inits.append(numpy_helper.from_array(packed.zero_points.numpy(), "zero_points"))
-        inputs.append("zero_points")
-    node = helper.make_node(
-        "MatMulNBits", inputs, ["Y"], domain="com.microsoft", name="/parity/MatMulNBits",
-        K=packed.K, N=packed.N, bits=packed.bits, block_size=packed.block_size,
-        accuracy_level=0,
-    )
-    graph = helper.make_graph(
-        [node], "parity",
-        [helper.make_tensor_value_info("A", m_dtype, ["M", packed.K])],
-        [helper.make_tensor_value_info("Y", m_dtype, ["M", packed.N])],
-        inits,
-    )
+def _one_node_model(op: str, inputs: list[str], consts: dict, x, y, **attrs) -> onnx.ModelProto:
+    """One com.microsoft node: the graph input ``x`` and the constants (None: left out) in,
+    ``y`` out."""
+    inits = [numpy_helper.from_array(t.numpy(), n) for n, t in consts.items() if t is not None]
+    names = [i for i in inputs if i not in consts or consts[i] is not None]
+    node = helper.make_node(op, names, ["Y"], domain="com.microsoft", name=f"/parity/{op}",
+                            **attrs)
+    graph = helper.make_graph([node], "parity", [x], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     return model
+
+
+def _matmulnbits_model(packed, m_dtype=TensorProto.FLOAT) -> onnx.ModelProto:
+    return _one_node_model(
+        "MatMulNBits", ["A", "B", "scales", "zero_points"],
+        {"B": packed.B, "scales": packed.scales, "zero_points": packed.zero_points},
+        helper.make_tensor_value_info("A", m_dtype, ["M", packed.K]),
+        helper.make_tensor_value_info("Y", m_dtype, ["M", packed.N]),
+        K=packed.K, N=packed.N, bits=packed.bits, block_size=packed.block_size,
+        accuracy_level=0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -103,3 +104,53 @@ def test_matmulnbits_onnxruntime_parity(bits, block, symmetric, k):
     tol = 4 * np.finfo(np.float32).eps * (np.abs(a.numpy()) @ np.abs(
         dequantize_weight(q, scale, zero, block).numpy().T)) + 1e-7
     assert np.all(np.abs(y - ref) <= tol), float(np.max(np.abs(y - ref)))
+
+
+def _gather_model(packed) -> onnx.ModelProto:
+    return _one_node_model(
+        "GatherBlockQuantized", ["data", "ids", "scales", "zero_points"],
+        {"data": packed.data, "scales": packed.scales, "zero_points": packed.zero_points},
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"]),
+        helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["B", "S", packed.width]),
+        bits=packed.bits, block_size=packed.block_size, gather_axis=0, quantize_axis=1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("k", [256, 200, 320])  # 320: an odd number of 64- and 128-blocks
+def test_gather_block_quantized_onnxruntime_parity(bits, block, symmetric, k):
+    v = 40
+    fmt = (Int4 if bits == 4 else Int8)(group_size=block, symmetric=symmetric)
+    _, q, scale, zero = _quantized(v, k, bits, block, symmetric, seed=bits * block + k + 1)
+    packed = pack_gather_block_quantized(q, scale, None if symmetric else zero, bits, block,
+                                         blocks=fmt.gather_blocks(k))
+    assert packed.data.shape == (v, fmt.gather_blocks(k) * block * bits // 8)
+    assert packed.width == fmt.gather_blocks(k) * block >= k
+    sess = ort.InferenceSession(_gather_model(packed).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 7, v - 1], [3, 3, 12]], np.int64)
+    (y,) = sess.run(None, {"ids": ids})
+    assert y.shape == (2, 3, packed.width)
+    ref = dequantize_weight(q, scale, zero, block).numpy()  # (V, K): (q - z) * s, as the kernel
+    np.testing.assert_array_equal(y[..., :k], ref[ids])
+
+
+@pytest.mark.parametrize("k", [256, 192])  # 192: three 64-blocks per row, padded to four
+def test_gather_layout_is_matmulnbits_and_zero_points_agree_across_kernels(k):
+    """Unpadded, the table is MatMulNBits' B, scales and zero points (a tied head shares
+    them); padded or not, rows hold an even number of 4-bit zero points, so packing them per
+    row (the CPU kernel) equals packing them across rows (the CUDA kernels)."""
+    v, block, fmt = 24, 64, Int4(64)
+    _, q, scale, zero = _quantized(v, k, 4, block, symmetric=False, seed=k)
+    packed = pack_gather_block_quantized(q, scale, zero, 4, block, blocks=fmt.gather_blocks(k))
+    blocks = packed.scales.shape[1]
+    assert blocks % 2 == 0 and (blocks == k // block) == (k == 256)
+    if blocks == fmt.n_blocks(k):
+        head = pack_matmulnbits(q, scale, zero, 4, block)
+        assert torch.equal(packed.data, head.B.reshape(v, -1))
+        assert torch.equal(packed.scales, head.scales)
+        assert torch.equal(packed.zero_points, head.zero_points)
+    codes = torch.nn.functional.pad(zero, (0, blocks - zero.shape[1]), value=8.0)
+    across_rows = pack_codes(codes.round().to(torch.uint8).reshape(1, -1), 4)
+    assert torch.equal(packed.zero_points.reshape(1, -1), across_rows)
