@@ -138,6 +138,8 @@ class DecoderRunner:
         self._binding = session.io_binding()
         self._argmax = self._argmax_session()
         self._argmax_binding = self._argmax.io_binding() if self._argmax else None
+        self._argmax_bound: ort.OrtValue | None = None
+        self._step_logits: ort.OrtValue | None = None  # a shared cache's (B, 1, V) logits
 
     @property
     def past_length(self) -> int:
@@ -155,6 +157,7 @@ class DecoderRunner:
         self._cache = []
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._capacity = None
+        self._step_logits = self._argmax_bound = None
         self._binding.clear_binding_inputs()
         self._binding.clear_binding_outputs()
 
@@ -188,7 +191,8 @@ class DecoderRunner:
     def decode_step(self, next_ids: np.ndarray, *, host_logits: bool = True
                     ) -> np.ndarray | ort.OrtValue:
         """Append one token per sequence, ``next_ids`` (B, 1); returns logits (B, 1, V), on
-        the host or (``host_logits=False``) left on the device."""
+        the host or (``host_logits=False``) left on the device, where a shared cache's
+        steps reuse one buffer: read it before the next step."""
         ids = _as_ids(next_ids, "next_ids")
         if not self._cache:
             raise RuntimeError("decode_step before prefill: there is no cache to extend")
@@ -209,8 +213,10 @@ class DecoderRunner:
         if isinstance(logits, np.ndarray):
             return logits[:, -1].argmax(-1).reshape(-1, 1).astype(np.int64)
         binding = self._argmax_binding
-        binding.bind_ortvalue_input("logits", logits)
-        binding.bind_output("next_ids", "cpu")
+        if logits is not self._argmax_bound:  # decode steps reuse one logits buffer
+            binding.bind_ortvalue_input("logits", logits)
+            binding.bind_output("next_ids", "cpu")
+            self._argmax_bound = logits
         self._argmax.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
@@ -260,15 +266,17 @@ class DecoderRunner:
         except Exception:  # onnxruntime's own exception types; the host argmax still works
             return None
 
+    def _vocab(self) -> int:
+        if self.spec.vocab_size is None:  # symbolic in the graph: read it off the prefill
+            return self._binding.get_outputs()[0].shape()[-1]
+        return self.spec.vocab_size
+
     def _empty_past(self, batch: int, length: int = 0) -> ort.OrtValue:
         """(B, kv_heads, length, head_dim), uninitialised: attention reads only the
         positions the mask says were written."""
         shape = [batch, self.spec.kv_heads, length, self.spec.head_dim]
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.spec.dtype,
                                                          self.provider, self.device_id)
-
-    def _device_value(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(array, self.provider, self.device_id)
 
     def _step(self, ids: np.ndarray, mask: np.ndarray, host_logits: bool = True
               ) -> np.ndarray | ort.OrtValue:
@@ -282,20 +290,16 @@ class DecoderRunner:
         if first:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-        feeds = {"input_ids": ids, "attention_mask": mask,
-                 "position_ids": np.ascontiguousarray(positions)}
-        # kept referenced until the run ends: a CPU OrtValue borrows its numpy array's memory
-        values = {name: self._device_value(array) for name, array in feeds.items()}
-        if self._wants_total:  # read on the host by GroupQueryAttention
-            values["total_sequence_length"] = ort.OrtValue.ortvalue_from_numpy(
-                np.array(mask.shape[1], dtype=np.int32))
-        for name, value in values.items():  # rebinding a bound name replaces it
-            binding.bind_ortvalue_input(name, value)
-        if host_logits:  # bound first, so that it is output 0
-            binding.bind_output("logits", "cpu")
-        else:
-            binding.bind_output("logits", self.provider, self.device_id)
+        # host arrays: onnxruntime copies them to the device as part of the run (and reads
+        # total_sequence_length on the host); rebinding a bound name replaces it
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+        if self._wants_total:
+            binding.bind_cpu_input("total_sequence_length",
+                                   np.array(mask.shape[1], dtype=np.int32))
         if first:
+            binding.bind_output("logits", self.provider, self.device_id)  # output 0
             for name, value in zip(self.spec.past_names, self._cache):
                 binding.bind_ortvalue_input(name, value)
             for name, value in zip(self.spec.present_names, self._cache):
@@ -303,9 +307,20 @@ class DecoderRunner:
                     binding.bind_ortvalue_output(name, value)
                 else:
                     binding.bind_output(name, self.provider, self.device_id)
+        elif self._step_logits is None:  # the first decode step of a shared cache
+            self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type(
+                [ids.shape[0], 1, self._vocab()], self.spec.dtype, self.provider,
+                self.device_id)
+            binding.bind_ortvalue_output("logits", self._step_logits)
         self.session.run_with_iobinding(binding)
-        logits, *present = binding.get_outputs()  # in the order bound above
-        if not shared:
-            self._cache = list(present)
+        if first:
+            logits, *present = binding.get_outputs()  # in the order bound above
+            if not shared:
+                self._cache = list(present)
+        else:  # decode with a shared cache: every output is a buffer we hold
+            logits = self._step_logits
         self._mask = mask
-        return logits.numpy() if host_logits else logits
+        if not host_logits:
+            return logits
+        host = logits.numpy()  # a CPU buffer's numpy() is a view: copy the reused one
+        return host.copy() if logits is self._step_logits else host
