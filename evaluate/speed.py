@@ -9,6 +9,7 @@ for a baseline export side by side.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -87,9 +88,13 @@ def bench_model(path: Path, *, provider: str = "auto", batch: int = 1, prompt_le
     with _PeakMemory() as memory:
         prefill()  # warm-up: kernels, arena
         decode()
-        t_prefill = _best(prefill, repeats)
-        t_start = _best(start, repeats)
-        t_decode = _best(decode, repeats) - t_start
+        gc.disable()  # a collection inside a timed loop is noise, not the model's speed
+        try:
+            t_prefill = _best(prefill, repeats)
+            t_start = _best(start, repeats)
+            t_decode = _best(decode, repeats) - t_start
+        finally:
+            gc.enable()
     files = [path, path.with_name(path.name + ".data")]
     return {"model": str(path), "provider": used, "batch": batch, "prompt_len": prompt_len,
             "new_tokens": new_tokens,
