@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantcal.runner import DecoderRunner
-from quantcal.session import make_session
+from quantcal.graphrunner import decoding_runner
 
 
 class _PeakMemory:
@@ -65,15 +64,16 @@ def bench_model(path: Path, *, provider: str = "auto", batch: int = 1, prompt_le
                 new_tokens: int = 128, repeats: int = 3) -> dict[str, float | str]:
     """Prefill and decode throughput, peak memory and size of one exported model."""
     path = Path(path)
-    session, used = make_session(path, provider)
-    runner = DecoderRunner(session, used)
+    runner = decoding_runner(path, provider)  # CUDA graphs for decoding where they apply
+    used = runner.provider
     rng = np.random.default_rng(0)
     vocab = runner.spec.vocab_size or 1000
     prompt = rng.integers(0, vocab, (batch, prompt_len), dtype=np.int64)
     short = prompt[:, :16]
 
     def prefill() -> None:
-        runner.prefill(prompt, host_logits=False)
+        runner.prefill(prompt, host_logits=False,
+                       cache_length=prompt_len if runner.shares_cache else None)
 
     cache = short.shape[1] + new_tokens if runner.shares_cache else None
 

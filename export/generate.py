@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 from quantcal.errors import QuantcalError
-from quantcal.runner import DecoderRunner
-from quantcal.session import make_session
+from quantcal.graphrunner import decoding_runner
 from quantcal.rundir import MODEL, RunDir
 
 
@@ -26,8 +25,8 @@ def generate_text(run: RunDir, prompt: str, *, model_path: Path | None = None,
     except (OSError, ValueError) as exc:
         raise QuantcalError(f"could not load the tokenizer from {source!r} ({exc}); pass "
                             "--tokenizer DIR") from None
-    session, used = make_session(path, provider)
-    runner = DecoderRunner(session, used)
+    runner = decoding_runner(path, provider)  # CUDA graphs for decoding where they apply
+    used = runner.provider
     ids = tok(prompt, add_special_tokens=False).input_ids
     if not ids:
         raise QuantcalError("the prompt is empty; pass --prompt TEXT")

@@ -136,6 +136,7 @@ class DecoderRunner:
         self._mask = np.zeros((0, 0), dtype=np.int64)  # (B, P) on host
         self._capacity: int | None = None  # positions of a preallocated (shared) cache
         self._binding = session.io_binding()
+        self._run_options: ort.RunOptions | None = None  # for subclasses' prefill runs
         self._argmax = self._argmax_session()
         self._argmax_binding = self._argmax.io_binding() if self._argmax else None
         self._argmax_bound: ort.OrtValue | None = None
@@ -184,8 +185,7 @@ class DecoderRunner:
                              f"({ids.shape[1]} tokens)")
         self.reset()
         self._capacity = cache_length
-        self._cache = [self._empty_past(ids.shape[0], cache_length or 0)
-                       for _ in self.spec.past_names]
+        self._cache = self._new_cache(ids.shape[0], cache_length or 0)
         return self._step(ids, mask, host_logits)
 
     def decode_step(self, next_ids: np.ndarray, *, host_logits: bool = True
@@ -271,6 +271,10 @@ class DecoderRunner:
             return self._binding.get_outputs()[0].shape()[-1]
         return self.spec.vocab_size
 
+    def _new_cache(self, batch: int, length: int) -> list[ort.OrtValue]:
+        """One (B, kv_heads, length, head_dim) tensor per cache input."""
+        return [self._empty_past(batch, length) for _ in self.spec.past_names]
+
     def _empty_past(self, batch: int, length: int = 0) -> ort.OrtValue:
         """(B, kv_heads, length, head_dim), uninitialised: attention reads only the
         positions the mask says were written."""
@@ -312,7 +316,7 @@ class DecoderRunner:
                 [ids.shape[0], 1, self._vocab()], self.spec.dtype, self.provider,
                 self.device_id)
             binding.bind_ortvalue_output("logits", self._step_logits)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._run_options)
         if first:
             logits, *present = binding.get_outputs()  # in the order bound above
             if not shared:

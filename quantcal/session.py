@@ -64,13 +64,18 @@ def _cpu_session(path: Path) -> ort.InferenceSession:
                             "it?) - re-run `quantcal export`") from error
 
 
-def _cuda_session(path: Path, device_id: int) -> tuple[ort.InferenceSession | None, str]:
-    """The strict CUDA session, or None and why it could not be made."""
+def cuda_session(path: Path, device_id: int, cuda_graph: bool = False
+                  ) -> tuple[ort.InferenceSession | None, str]:
+    """The strict CUDA session, or None and why it could not be made. ``cuda_graph``: let
+    the provider capture and replay runs as CUDA graphs (runs then need fixed shapes and
+    buffers, or a ``gpu_graph_id`` of -1; see :mod:`quantcal.graphrunner`)."""
     if CUDA_EP not in ort.get_available_providers():
         return None, "this onnxruntime build has no CUDA provider"
     try:
         session = ort.InferenceSession(str(path), _options(strict_cuda=True),
-                                       providers=[(CUDA_EP, {"device_id": str(device_id)})])
+                                       providers=[(CUDA_EP, {
+                                           "device_id": str(device_id),
+                                           "enable_cuda_graph": str(int(cuda_graph))})])
     except Exception as error:  # any failure here is a reason to run on CPU instead
         return None, short_reason(error)
     if CUDA_EP not in session.get_providers():
@@ -97,7 +102,7 @@ def make_session(path: str | os.PathLike, provider: str = "auto", *,
     _check_path(path)
     if provider == "cpu":
         return _cpu_session(path), "cpu"
-    session, reason = _cuda_session(path, device_id)
+    session, reason = cuda_session(path, device_id)
     if session is not None:
         return session, "cuda"
     cpu = _cpu_session(path)  # raises first when the model itself is broken: no notice then

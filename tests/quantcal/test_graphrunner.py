@@ -1,0 +1,60 @@
+"""Fixed-shape decoding (the path CUDA graphs replay), run on CPU without capture: the
+attention mask padded to the cache length and total_sequence_length pinned to it give the
+same logits and tokens as the growing-shape runner, on all three families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantcal.export.api import BUILDERS
+from quantcal.export.builder import save_model
+from quantcal.formats import FP16
+from quantcal.graphrunner import GraphRunner, decoding_runner
+from quantcal.models import family_of, load_model, quantizable_layers
+from quantcal.runner import DecoderRunner
+from quantcal.session import make_session
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_model_dir, tmp_path_factory):
+    model, _ = load_model(str(tiny_model_dir))
+    formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    save_model(BUILDERS[family_of(model).name](model, formats, {}, np.float32).model(), path)
+    return path, model.config.vocab_size
+
+
+def test_fixed_shape_steps_match_growing_steps(decoder):
+    path, vocab = decoder
+    fixed = GraphRunner(*make_session(path, "cpu"), cuda_graph=False)
+    plain = DecoderRunner(*make_session(path, "cpu"))
+    ids = np.random.default_rng(5).integers(0, vocab, size=(2, 9))
+    for _ in range(2):  # a second sequence of the same shape reuses the buffers
+        got = [fixed.prefill(ids[:, :3], cache_length=8)[:, -1]]
+        ref = [plain.prefill(ids[:, :3])[:, -1]]
+        for t in range(3, 8):
+            got.append(fixed.decode_step(ids[:, t:t + 1])[:, 0])
+            ref.append(plain.decode_step(ids[:, t:t + 1])[:, 0])
+        np.testing.assert_allclose(np.stack(got), np.stack(ref), rtol=1e-5, atol=1e-5)
+    assert len(fixed._slots) == 1
+    with pytest.raises(RuntimeError, match="cache is full"):
+        fixed.decode_step(ids[:, 8:9])
+    with pytest.raises(ValueError, match="cache_length"):
+        fixed.prefill(ids)
+
+
+def test_fixed_shape_generation_equals_plain_generation(decoder):
+    path, _ = decoder
+    fixed = GraphRunner(*make_session(path, "cpu"), cuda_graph=False)
+    plain = DecoderRunner(*make_session(path, "cpu"))
+    for prompt in ([3, 1, 4, 1, 5], [2, 7], [3, 1, 4, 1, 5]):
+        assert fixed.generate(prompt, 9) == plain.generate(prompt, 9)
+    device = fixed.prefill(np.array([[1, 2, 3]]), host_logits=False, cache_length=6)
+    step = fixed.decode_step(fixed.next_tokens(device), host_logits=False)
+    assert step.shape()[:2] == [1, 1]
+
+
+def test_decoding_runner_on_cpu_is_the_plain_runner(decoder):
+    runner = decoding_runner(decoder[0], "cpu")
+    assert type(runner) is DecoderRunner and runner.provider == "cpu"
