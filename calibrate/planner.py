@@ -56,7 +56,8 @@ def apply_rules(candidates: dict[str, list[Candidate]], rules: Rules,
     """Narrow each layer's candidates by the rules; returns them and each layer's reason.
 
     Layers in ``optional`` (embeddings) are matched like any other, but left out of the
-    result (they stay fp16) unless a rule pins them to a quantized format.
+    result (they stay fp16) unless a rule pins them to a quantized format. A glob asking
+    for a format an embedding cannot take (w8a8) passes over it; naming it is an error.
     """
     pinned: dict[str, tuple[Format, str]] = {}
     for pattern, fmt, why in ([(p, FP16(), f"--keep {p}") for p in rules.keep]
@@ -66,6 +67,8 @@ def apply_rules(candidates: dict[str, list[Candidate]], rules: Rules,
             raise QuantcalError(f"{why} matches no layer; layer names look like "
                                 f"{next(iter(candidates))!r}")
         for name in hits:
+            if name in optional and name != pattern and not isinstance(fmt, (BlockQuant, FP16)):
+                continue  # a glob's w8a8 passes over the embedding, which cannot take it
             if name in pinned and pinned[name][0] != fmt:
                 raise QuantcalError(f"conflicting rules for {name}: {pinned[name][1]} and {why}")
             pinned[name] = (fmt, why)

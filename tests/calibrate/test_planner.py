@@ -11,7 +11,7 @@ from quantcal.calibrate.planner import Candidate, Rules, apply_rules, solve
 from quantcal.calibrate.plans import make_plan, parse_size
 from quantcal.config import Budget, CalibrateConfig, LayerInfo, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError
-from quantcal.formats import FP16, Int4, Int8, parse_format
+from quantcal.formats import FP16, W8A8, Int4, Int8, parse_format
 
 FORMATS = [FP16(), Int8(), Int4(128), Int4(32)]
 
@@ -89,6 +89,10 @@ def test_optional_layers_enter_the_plan_only_when_forced():
     assert [c.fmt for c in narrowed[emb]] == [Int4(32)] and why[emb].startswith("rule: --force")
     with pytest.raises(QuantcalError, match="is an embedding, which takes fp16, int8 or int4"):
         apply_rules(cands, Rules.parse((), (f"{emb}=w8a8",)), optional={emb})
+    with_w8a8 = {n: c + [Candidate(W8A8(), c[0].nbytes // 2, 0.0)] for n, c in cands.items()}
+    narrowed, why = apply_rules(with_w8a8, Rules.parse((), ("*=w8a8",)), optional={emb})
+    assert emb not in narrowed and len(narrowed) == 2  # a glob's w8a8 passes over it
+    assert all(c[0].fmt == W8A8() for c in narrowed.values())
     with pytest.raises(QuantcalError, match="no int4-g64 qparams"):
         apply_rules(cands, Rules.parse((), (f"{emb}=int4-g64",)), optional={emb})
     with pytest.raises(QuantcalError, match="conflicting rules"):
