@@ -45,7 +45,8 @@ def reference_hists(x: np.ndarray, bins: int = HIST_BINS) -> tuple[np.ndarray, n
 
 
 def hists_of(*batches: torch.Tensor, dtype: torch.dtype = torch.int64):
-    hp, hn = new_hist(dtype=dtype), new_hist(dtype=dtype)
+    device = batches[0].device if batches else "cpu"  # histograms live beside the values
+    hp, hn = new_hist(device, dtype=dtype), new_hist(device, dtype=dtype)
     for b in batches:
         accumulate_hist_(hp, hn, b)
     return hp, hn
