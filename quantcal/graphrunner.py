@@ -10,12 +10,14 @@ CUDA provider's ``enable_cuda_graph``, as onnxruntime-genai uses it). Prefill ru
 uncaptured (``gpu_graph_id`` -1).
 
 A captured graph refers to its buffers by address, so they are kept per (batch, cache
-length) and a new sequence of the same shape reuses them. On the CPU provider the same
+length) and a new sequence of the same shape reuses them; the least recently used of more
+than ``MAX_SLOTS`` shapes is dropped (its graph is never replayed again). On the CPU provider the same
 fixed-shape steps run without capture (this is what the CPU tests check).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from quantcal.runner import SHARED_CACHE_KEY, DecoderRunner
 from quantcal.session import cuda_session, make_session
 
 _GRAPH_ID = "gpu_graph_id"
+MAX_SLOTS = 8  # (batch, cache length) shapes whose buffers are kept for their graphs
 
 
 @dataclass
@@ -53,7 +56,8 @@ class GraphRunner(DecoderRunner):
             raise ValueError("fixed-shape decoding needs a shared cache (GroupQueryAttention); "
                              "re-export the model with this version of quantcal")
         self.cuda_graph = cuda_graph
-        self._slots: dict[tuple[int, int], _Slot] = {}
+        self._slots: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
+        self._graphs = 0  # graph ids handed out (each captured once)
         self._slot: _Slot | None = None
         if cuda_graph:
             self._run_options = ort.RunOptions()
@@ -70,9 +74,13 @@ class GraphRunner(DecoderRunner):
 
     def _new_cache(self, batch: int, length: int) -> list[ort.OrtValue]:
         """The slot's cache buffers: allocated once per (batch, cache length)."""
-        slot = self._slots.get((batch, length))
+        key = (batch, length)
+        slot = self._slots.get(key)
         if slot is None:
-            slot = self._slots[(batch, length)] = _Slot(super()._new_cache(batch, length))
+            if len(self._slots) >= MAX_SLOTS:
+                self._slots.popitem(last=False)
+            slot = self._slots[key] = _Slot(super()._new_cache(batch, length))
+        self._slots.move_to_end(key)
         self._slot = slot
         return slot.cache
 
@@ -120,9 +128,9 @@ class GraphRunner(DecoderRunner):
         binding.bind_ortvalue_output("logits", slot.logits)
         slot.binding = binding
         if self.cuda_graph:
+            self._graphs += 1
             slot.options = ort.RunOptions()
-            slot.options.add_run_config_entry(_GRAPH_ID, str(len(
-                [s for s in self._slots.values() if s.binding is not None])))
+            slot.options.add_run_config_entry(_GRAPH_ID, str(self._graphs))
 
 
 def _shares_cache(path) -> bool:

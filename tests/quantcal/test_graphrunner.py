@@ -55,6 +55,17 @@ def test_fixed_shape_generation_equals_plain_generation(decoder):
     assert step.shape()[:2] == [1, 1]
 
 
+def test_buffers_are_kept_for_a_bounded_number_of_shapes(decoder, monkeypatch):
+    import quantcal.graphrunner as graphrunner
+
+    monkeypatch.setattr(graphrunner, "MAX_SLOTS", 2)
+    fixed = GraphRunner(*make_session(decoder[0], "cpu"), cuda_graph=False)
+    plain = DecoderRunner(*make_session(decoder[0], "cpu"))
+    for length in (6, 7, 8, 6):
+        assert fixed.generate([1, 2, 3], length - 3) == plain.generate([1, 2, 3], length - 3)
+    assert list(fixed._slots) == [(1, 8), (1, 6)]
+
+
 def test_decoding_runner_on_cpu_is_the_plain_runner(decoder):
     runner = decoding_runner(decoder[0], "cpu")
     assert type(runner) is DecoderRunner and runner.provider == "cpu"
