@@ -128,7 +128,8 @@ def run_bench_calibrate(*, model: str | None, shape: str | None, samples: int, s
     else:
         net, _ = load_model(model, dtype=dt, device=dev)
     vocab = net.config.vocab_size
-    windows = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, vocab, (samples, seq_len),
+                            generator=torch.Generator().manual_seed(0))
     out: dict[str, float | str] = {"model": shape or str(model), "device": str(dev),
                                    "dtype": str(dt).removeprefix("torch."),
                                    "samples": samples, "seq_len": seq_len,

@@ -11,8 +11,8 @@ uncaptured (``gpu_graph_id`` -1).
 
 A captured graph refers to its buffers by address, so they are kept per (batch, cache
 length) and a new sequence of the same shape reuses them; the least recently used of more
-than ``MAX_SLOTS`` shapes is dropped (its graph is never replayed again). On the CPU provider the same
-fixed-shape steps run without capture (this is what the CPU tests check).
+than ``MAX_SLOTS`` shapes is dropped (its graph is never replayed again). On the CPU
+provider the same fixed-shape steps run without capture (this is what the CPU tests check).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ def test_eval_onnx_and_baseline_agree(exported, shared_data):
     onnx, torch_ = (record.variants[k] for k in sorted(record.variants,
                                                          key=lambda k: k.startswith("base")))
     assert onnx.metrics["hellaswag"]["acc_norm"][0] == torch_.metrics["hellaswag"]["acc_norm"][0]
-    p1, p2 = onnx.metrics["wikitext2"]["perplexity"][0], torch_.metrics["wikitext2"]["perplexity"][0]
-    assert p1 == pytest.approx(p2, rel=1e-3)
+    ppl = [v.metrics["wikitext2"]["perplexity"][0] for v in (onnx, torch_)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-3)
     assert onnx.docs["hellaswag"] == 6 and onnx.speed["decode_tok_s"] > 0
     _ok(["report", "--run", str(exported.path)])
     text = exported.file("report.md").read_text()
