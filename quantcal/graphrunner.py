@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from quantcal.runner import SHARED_CACHE_KEY, DecoderRunner
+from quantcal.runner import SHARED_CACHE_KEY, DecoderRunner, last_positions
 from quantcal.session import cuda_session, make_session
 
 _GRAPH_ID = "gpu_graph_id"
@@ -93,7 +93,7 @@ class GraphRunner(DecoderRunner):
             self._bind(slot, ids.shape[0])
         padded = np.zeros((mask.shape[0], self._capacity), dtype=np.int64)
         padded[:, :mask.shape[1]] = mask
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -1:]
+        positions = last_positions(mask, 1)
         slot.ids.update_inplace(np.ascontiguousarray(ids))
         slot.positions.update_inplace(np.ascontiguousarray(positions))
         slot.mask.update_inplace(padded)

@@ -111,6 +111,12 @@ def argmax_graph(dtype: np.dtype) -> bytes:
     return model.SerializeToString()
 
 
+def last_positions(mask: np.ndarray, seq: int) -> np.ndarray:
+    """Position ids (B, seq) of the last ``seq`` tokens of ``mask`` (B, P+S): each counts the
+    attended tokens before it, ``arange(P, P+S)`` for full masks."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:]
+
+
 def _as_ids(array: np.ndarray | list, name: str) -> np.ndarray:
     ids = np.ascontiguousarray(np.asarray(array), dtype=np.int64)
     if ids.ndim != 2 or ids.shape[1] == 0:
@@ -286,8 +292,7 @@ class DecoderRunner:
               ) -> np.ndarray | ort.OrtValue:
         """Run ``ids`` (B, S) after the cache; ``mask`` (B, P+S). Returns the logits."""
         seq = ids.shape[1]
-        # positions count the attended tokens before each one: arange(P, P+S) for full masks
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:]
+        positions = last_positions(mask, seq)
         binding = self._binding
         shared = self._capacity is not None
         first = not shared or seq == mask.shape[1]  # a shared cache is bound at prefill only

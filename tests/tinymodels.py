@@ -56,3 +56,20 @@ def build_tiny_model(family: str, seed: int = 0, vocab_size: int = 512):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size))
     return model.eval()
+
+
+def export_unquantized(model_dir, path, dtype=None):
+    """Export the model in ``model_dir`` to ``path`` with every layer fp16 (no qparams) and
+    activations in ``dtype`` (default float32); returns the loaded model."""
+    import numpy as np
+
+    from quantcal.export.api import BUILDERS
+    from quantcal.export.builder import save_model
+    from quantcal.formats import FP16
+    from quantcal.models import family_of, load_model, quantizable_layers
+
+    model, _ = load_model(str(model_dir))
+    formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
+    graph = BUILDERS[family_of(model).name](model, formats, {}, dtype or np.float32).model()
+    save_model(graph, path)
+    return model

@@ -13,21 +13,9 @@ from click.testing import CliRunner
 from quantcal.cli import cli
 from quantcal.errors import QuantcalError
 from quantcal.evaluate.backends import Backend, OnnxBackend, TorchBackend, make_backend
-from quantcal.export.api import BUILDERS
-from quantcal.export.builder import save_model
-from quantcal.formats import FP16
-from quantcal.models import family_of, load_model, quantizable_layers
 from quantcal.rundir import RunDir
 
-
-def _export_fp32(model_dir, out_dir):
-    """An all-fp32 ONNX export of the model in ``model_dir`` (weights unquantized)."""
-    model, _ = load_model(str(model_dir))
-    formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
-    graph = BUILDERS[family_of(model).name](model, formats, {}, np.float32).model()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(graph, out_dir / "model.onnx")
-    return out_dir / "model.onnx"
+from tinymodels import export_unquantized
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +28,8 @@ def requests_(c4_texts):
 
 
 def _pair(model_dir, tmp_path_factory, batch_size=4):
-    path = _export_fp32(model_dir, tmp_path_factory.mktemp("onnx"))
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_unquantized(model_dir, path)
     torch_b = TorchBackend.from_pretrained(str(model_dir), "cpu", torch.float32,
                                            batch_size=batch_size)
     onnx_b = OnnxBackend(path, torch_b.tokenizer, "cpu", batch_size=batch_size,

@@ -7,22 +7,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantcal.export.api import BUILDERS
-from quantcal.export.builder import save_model
-from quantcal.formats import FP16
 from quantcal.graphrunner import GraphRunner, decoding_runner
-from quantcal.models import family_of, load_model, quantizable_layers
 from quantcal.runner import DecoderRunner
 from quantcal.session import make_session
+
+from tinymodels import export_unquantized
 
 
 @pytest.fixture(scope="module")
 def decoder(tiny_model_dir, tmp_path_factory):
-    model, _ = load_model(str(tiny_model_dir))
-    formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    save_model(BUILDERS[family_of(model).name](model, formats, {}, np.float32).model(), path)
-    return path, model.config.vocab_size
+    return path, export_unquantized(tiny_model_dir, path).config.vocab_size
 
 
 def test_fixed_shape_steps_match_growing_steps(decoder):
@@ -75,10 +70,8 @@ def test_decoding_runner_on_cpu_is_the_plain_runner(decoder):
 def test_cuda_graph_decoding_matches_plain_decoding_on_cuda(tiny_model_dir, tmp_path):
     """The whole fp16 graph on the CUDA provider (CPU fallback disabled), and decode steps
     replayed from a captured CUDA graph equal the plain runner's, token for token."""
-    model, _ = load_model(str(tiny_model_dir))
-    formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
     path = tmp_path / "model.onnx"
-    save_model(BUILDERS[family_of(model).name](model, formats, {}, np.float16).model(), path)
+    model = export_unquantized(tiny_model_dir, path, np.float16)
     plain = DecoderRunner(*make_session(path, "cuda"))
     graph = decoding_runner(path, "cuda")
     assert plain.provider == "cuda" and isinstance(graph, GraphRunner) and graph.cuda_graph

@@ -7,21 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantcal.export.api import BUILDERS
-from quantcal.export.builder import save_model
-from quantcal.formats import FP16
-from quantcal.models import family_of, load_model, quantizable_layers
 from quantcal.runner import DecoderRunner
 from quantcal.session import make_session
+
+from tinymodels import export_unquantized
 
 
 @pytest.fixture(scope="module")
 def decoder(tiny_model_dir, tmp_path_factory):
-    model, _ = load_model(str(tiny_model_dir))
-    formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    save_model(BUILDERS[family_of(model).name](model, formats, {}, np.float32).model(), path)
-    return path, model.config.vocab_size
+    return path, export_unquantized(tiny_model_dir, path).config.vocab_size
 
 
 def test_shared_cache_is_written_in_place_and_matches(decoder):
