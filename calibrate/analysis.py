@@ -1,9 +1,11 @@
 """Sensitivity, then a plan: the part of ``calibrate`` after the qparams, and ``quantcal plan``.
 
-``analyse`` scores every layer (exact KL, with the fast proxy and its rank correlation, or
-the proxy alone), solves the plan for the budget and measures the whole plan's KL on the
-held-out windows. ``replan`` re-solves from an existing run directory's ``sensitivity.json``
-under another budget (nothing is re-scored), measuring the new plan unless told not to.
+``score`` scores every layer (exact KL, with the fast proxy and its rank correlation, or
+the proxy alone); ``measured`` gives a plan its whole-model KL on the held-out windows.
+Both write into the folder they are given (calibration's staging folder). ``replan``
+re-solves from an existing run directory's ``sensitivity.json`` under another budget
+(nothing is re-scored), after checking that sensitivity.json, qparams and run.json belong
+together, and commits plan.json with its plot as one transaction.
 """
 
 from __future__ import annotations
@@ -26,16 +28,21 @@ from quantcal.calibrate.sensitivity import (
 from quantcal.calibrate.stats import LayerStats
 from quantcal.config import Budget, Plan, RunRecord, SensitivityRecord
 from quantcal.models import weight_matrix
-from quantcal.rundir import PLAN, QPARAMS, SENSITIVITY, RunDir, atomic_write_json, read_record
+from quantcal.errors import QuantcalError
+from quantcal.provenance import check_model_unchanged, sha256_file
+from quantcal.rundir import (
+    PLAN, QPARAMS, RUN_JSON, SENSITIVITY, RunDir, atomic_write_json, read_record,
+)
+from quantcal.txn import Stage
 
 SENSITIVITY_PNG = "sensitivity.png"
 
 
-def analyse(model: nn.Module, record: RunRecord, stats: Mapping[str, LayerStats],
-            qparams: Mapping[str, torch.Tensor], held_out: torch.Tensor, *, budget: Budget | None,
-            rules: Rules, device: torch.device, progress: bool = True
-            ) -> tuple[SensitivityRecord, Plan]:
-    """Score every planned layer, then plan under ``budget`` and measure the plan's KL."""
+def score(model: nn.Module, record: RunRecord, stats: Mapping[str, LayerStats],
+          qparams: Mapping[str, torch.Tensor], held_out: torch.Tensor, *,
+          device: torch.device, progress: bool = True) -> SensitivityRecord:
+    """Score every planned layer: the exact KL (with the fast proxy and its rank
+    correlation beside it), or the proxy alone."""
     cfg = record.config
     layers = {n: i for n, i in record.layers.items() if i.kind != "embedding"}
     weights = {n: weight_matrix(model.get_submodule(n)).detach() for n in layers}
@@ -44,22 +51,18 @@ def analyse(model: nn.Module, record: RunRecord, stats: Mapping[str, LayerStats]
                            device=device)
     proxy = proxy_sensitivity(weights, stats, cfg.formats, qparams, fisher)
     timings = {"proxy_s": time.perf_counter() - t}
-    if cfg.sensitivity == "exact":
-        t = time.perf_counter()
-        exact = exact_sensitivity(model, held_out, layers, cfg.formats, qparams,
-                                  batch_size=max(1, cfg.batch_size // len(cfg.formats)),
-                                  device=device, progress=progress)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings["exact_s"] = time.perf_counter() - t
-        sens = SensitivityRecord("exact", cfg.formats, exact, held_out.shape[0], cfg.seq_len,
-                                 proxy=proxy, spearman=spearman(exact, proxy), timings=timings)
-    else:
-        sens = SensitivityRecord("fast", cfg.formats, proxy, held_out.shape[0], cfg.seq_len,
+    if cfg.sensitivity != "exact":
+        return SensitivityRecord("fast", cfg.formats, proxy, held_out.shape[0], cfg.seq_len,
                                  timings=timings)
-    plan = measured(make_plan(record, sens, budget, rules), model, qparams, held_out,
-                    batch_size=cfg.batch_size, device=device)
-    return sens, plan
+    t = time.perf_counter()
+    exact = exact_sensitivity(model, held_out, layers, cfg.formats, qparams,
+                              batch_size=max(1, cfg.batch_size // len(cfg.formats)),
+                              device=device, progress=progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["exact_s"] = time.perf_counter() - t
+    return SensitivityRecord("exact", cfg.formats, exact, held_out.shape[0], cfg.seq_len,
+                             proxy=proxy, spearman=spearman(exact, proxy), timings=timings)
 
 
 def measured(plan: Plan, model: nn.Module, qparams: Mapping[str, torch.Tensor],
@@ -69,25 +72,55 @@ def measured(plan: Plan, model: nn.Module, qparams: Mapping[str, torch.Tensor],
     return replace(plan, kl_measured=kl)
 
 
-def write_analysis(run: RunDir, sens: SensitivityRecord, plan: Plan,
-                   plan_path: Path | None = None) -> None:
-    atomic_write_json(run.file(SENSITIVITY), sens)
-    plot_sensitivity(sens, run.file(SENSITIVITY_PNG), plan)
-    run.write_plan(plan, plan_path)
+def write_sensitivity(folder: Path, sens: SensitivityRecord) -> None:
+    atomic_write_json(folder / SENSITIVITY, sens)
+
+
+def write_plan(folder: Path, sens: SensitivityRecord, plan: Plan,
+               plan_path: Path | None = None) -> None:
+    """``plan.json`` (or ``plan_path``) and ``sensitivity.png`` marking its choices."""
+    atomic_write_json(plan_path or folder / PLAN, plan)
+    if plan_path is None:
+        plot_sensitivity(sens, folder / SENSITIVITY_PNG, plan)
+
+
+def _checked_inputs(run: RunDir, record: RunRecord) -> tuple[SensitivityRecord, str]:
+    """sensitivity.json and the qparams digest, refused unless they belong to run.json."""
+    qdigest = sha256_file(run.require(QPARAMS))
+    remedy = "re-run `quantcal calibrate` on this run directory"
+    if record.files.get(QPARAMS) != qdigest:
+        raise QuantcalError(f"{run.file(RUN_JSON)} and {QPARAMS} are from different "
+                            f"calibrations; {remedy}")
+    sens = read_record(run.require(SENSITIVITY), SensitivityRecord, "quantcal calibrate")
+    if sens.made_from.get(QPARAMS) != qdigest:
+        raise QuantcalError(f"{run.file(SENSITIVITY)} scored other qparams than "
+                            f"{run.file(QPARAMS)}; {remedy}")
+    return sens, qdigest
 
 
 def replan(run: RunDir, *, budget: Budget | None, rules: Rules, output: Path | None = None,
            measure: bool = True, progress: bool = True) -> Plan:
     """``quantcal plan``: a new plan from ``sensitivity.json``; measured unless ``measure``
-    is False (measuring loads the model and the held-out windows again)."""
+    is False (measuring loads the model and the held-out windows again). The run's own
+    plan.json is replaced as one transaction with its sensitivity.png."""
     record = run.read_run()
-    sens = read_record(run.require(SENSITIVITY), SensitivityRecord, "quantcal calibrate")
-    plan = make_plan(record, sens, budget, rules)
-    if measure:
-        plan = _measure_from_run(run, record, plan)
-    run.write_plan(plan, output)
-    if output is None or Path(output).resolve() == run.file(PLAN).resolve():
-        plot_sensitivity(sens, run.file(SENSITIVITY_PNG), plan)
+    sens, qdigest = _checked_inputs(run, record)
+    plan = replace(make_plan(record, sens, budget, rules), made_from={QPARAMS: qdigest})
+    own = output is None or Path(output).resolve() == run.file(PLAN).resolve()
+    with run.lock("plan"):
+        if measure:
+            check_model_unchanged(record.config.model, record.config.revision,
+                                  record.model_files, str(run.file(RUN_JSON)))
+            plan = _measure_from_run(run, record, plan)
+        if not own:
+            atomic_write_json(output, plan)
+            return plan
+        stage = Stage(run.path, "plan")
+        try:
+            write_plan(stage.dir, sens, plan)
+            stage.commit([PLAN, SENSITIVITY_PNG])
+        finally:
+            stage.discard()
     return plan
 
 
@@ -98,6 +131,7 @@ def _measure_from_run(run: RunDir, record: RunRecord, plan: Plan) -> Plan:
     cfg = record.config
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, revision=cfg.revision,
+                                  trust_remote_code=cfg.trust_remote_code,
                                   dtype=resolve_dtype(cfg.dtype, device), device=device)
     _, held = load_calibration_data(cfg.data, tokenizer, seq_len=cfg.seq_len,
                                     samples=cfg.samples, seed=cfg.seed,

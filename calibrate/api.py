@@ -1,40 +1,49 @@
 """``calibrate``: the stage's one entry point.
 
 Reads a model (hub id or folder) and calibration text; writes ``stats.safetensors``,
-``qparams.safetensors`` and ``run.json`` into the run directory. Everything is computed
-before anything is written, and every write is atomic, so an interrupted or failed run leaves
-the run directory as it was. ``run.json`` is written last: its presence marks a complete run.
+``qparams.safetensors``, ``sensitivity.json`` (+ ``.png``), ``plan.json`` and ``run.json``
+into the run directory as one transaction (:mod:`quantcal.txn`): everything is written into
+``RUN/.staging/calibrate/`` and promoted only when complete, under the run directory's lock.
+Each finished step (statistics, qparams, sensitivity) is a checkpoint there, so an
+interrupted or failed run leaves the previous run's files untouched, and re-running the same
+command on the same model resumes from the last finished step. ``run.json`` records the
+digests of the model's files and of the statistics and qparams it describes.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
+import shutil
 import time
 from dataclasses import replace
 
 import torch
 
 from quantcal import __version__
-from quantcal.calibrate.analysis import analyse, write_analysis
+from quantcal.calibrate.analysis import SENSITIVITY_PNG, measured, score, write_plan, write_sensitivity
 from quantcal.calibrate.collect import collect_full, collect_sequential
 from quantcal.calibrate.planner import Rules
-from quantcal.calibrate.plans import check_budget
+from quantcal.calibrate.plans import check_budget, make_plan
 from quantcal.calibrate.data import load_calibration_data
 from quantcal.calibrate.qparams import QPARAMS_KIND, compute_embedding_qparams, compute_qparams
-from quantcal.calibrate.stats import STAT_KIND, stats_to_tensors
-from quantcal.config import Budget, CalibrateConfig, RunRecord
-from quantcal.errors import QuantcalError
+from quantcal.calibrate.stats import STAT_KIND, stats_from_tensors, stats_to_tensors
+from quantcal.config import Budget, CalibrateConfig, RunRecord, SensitivityRecord
+from quantcal.errors import QuantcalError, StageInterrupted
 from quantcal.models import (
     load_model, max_positions, quantizable_layers, resolve_device, resolve_dtype, weight_matrix,
 )
+from quantcal.provenance import model_digests, sha256_file
 from quantcal.rundir import (
     EVAL_JSON, EXPORT_JSON, MODEL, PLAN, QPARAMS, REPORT, RUN_JSON, SENSITIVITY, STATS, RunDir,
-    read_record,
+    load_tensors, read_record, save_tensors, atomic_write_json,
 )
+from quantcal.txn import Stage
 
-DOWNSTREAM = (SENSITIVITY, "sensitivity.png", PLAN, MODEL, MODEL + ".data", EXPORT_JSON,
-              EVAL_JSON, REPORT)
+DOWNSTREAM = (SENSITIVITY, SENSITIVITY_PNG, PLAN, MODEL, MODEL + ".data", EXPORT_JSON,
+              EVAL_JSON, REPORT, "accuracy_vs_size.png")
+CHECKPOINT = "checkpoint.json"
 
 
 def check_run_dir(run: RunDir, config: CalibrateConfig, overwrite: bool) -> None:
@@ -64,10 +73,46 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+class Checkpoint:
+    """The calibration's staging folder: finished steps kept for a resumed run.
+
+    ``checkpoint.json`` names the config and model digests the steps belong to; a run with
+    another config or changed model files starts over."""
+
+    def __init__(self, run: RunDir, config: CalibrateConfig, model_files: dict[str, str]):
+        self.stage = Stage(run.path, "calibrate", resume=True)
+        self.key = {"config": config.to_dict(), "model_files": model_files}
+        self.state = {**self.key, "done": [], "timings": {}}
+        path = self.stage.file(CHECKPOINT)
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError):
+            old = None
+        if old is not None and {k: old.get(k) for k in self.key} == self.key:
+            self.state = old
+        else:
+            shutil.rmtree(self.stage.dir)
+            self.stage.dir.mkdir(parents=True)
+
+    def done(self, step: str) -> bool:
+        return step in self.state["done"]
+
+    def mark(self, step: str, timings: dict[str, float]) -> None:
+        self.state["done"].append(step)
+        self.state["timings"].update(timings)
+        atomic_write_json(self.stage.file(CHECKPOINT), self.state)
+
+    def kept(self) -> str:
+        if not self.state["done"]:
+            return "nothing was kept"
+        return (f"its finished steps ({', '.join(self.state['done'])}) are kept in "
+                f"{self.stage.dir}: run the same command again to resume")
+
+
 def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
               budget: Budget | None = None, rules: Rules = Rules(),
               progress: bool = True) -> RunRecord:
-    """Collect statistics and qparams for ``config.model`` and write them into ``run``;
+    """Collect statistics and qparams for ``config.model`` and commit them into ``run``;
     unless ``config.sensitivity`` is ``none``, also score every layer and plan for
     ``budget`` (None: about 4.5 bits per weight, see ``plans.default_budget``) under
     ``rules``.
@@ -76,63 +121,119 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
         The ``run.json`` record written.
     """
     check_run_dir(run, config, overwrite)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model, tokenizer = load_model(config.model, revision=config.revision, dtype=dtype,
+                                  trust_remote_code=config.trust_remote_code,
                                   device="cpu" if config.sequential else device)
     limit = max_positions(model)
     if limit is not None and config.seq_len > limit:
         raise QuantcalError(f"--seq-len {config.seq_len} is longer than the model allows "
                             f"({limit} positions); use --seq-len {limit} or less")
-    timings["load_s"] = time.perf_counter() - t0
-
+    load_s = time.perf_counter() - t0
     t = time.perf_counter()
-    analyse_it = config.sensitivity != "none"
     windows, held_out = load_calibration_data(
         config.data, tokenizer, seq_len=config.seq_len, samples=config.samples,
-        seed=config.seed, holdout=config.sensitivity_samples if analyse_it else 0,
-        text_field=config.text_field)
-    timings["data_s"] = time.perf_counter() - t
-
+        seed=config.seed, holdout=config.sensitivity_samples if config.sensitivity != "none"
+        else 0, text_field=config.text_field)
+    timings = {"load_s": load_s, "data_s": time.perf_counter() - t}
     layers = quantizable_layers(model)
-    shape_only = RunRecord(config=config, layers=layers, **_outside_bytes(model, layers))
-    if analyse_it:  # an impossible budget or rule fails now, not after the heavy work
+    shape_only = RunRecord(config=config, layers=layers, **_outside_bytes(model, layers),
+                           model_files=model_digests(config.model, config.revision))
+    if config.sensitivity != "none":  # an impossible budget or rule fails now
         check_budget(shape_only, budget, rules)
+    created = not run.path.exists()
+    ckpt = None
+    try:
+        with run.lock("calibrate"):
+            check_run_dir(run, config, overwrite)  # another run may have landed meanwhile
+            ckpt = Checkpoint(run, config, shape_only.model_files)
+            record = _steps(ckpt, run, model, shape_only, windows, held_out, budget, rules,
+                            device, timings, t0, progress)
+            _commit(ckpt.stage, run, record)
+    except KeyboardInterrupt:
+        raise StageInterrupted(f"the run directory {run.path} keeps its previous files; "
+                               + (ckpt.kept() if ckpt else "nothing was kept")) from None
+    finally:
+        if ckpt is not None and not ckpt.state["done"]:
+            ckpt.stage.discard()
+        if created and run.path.is_dir() and not any(
+                p.name not in (".lock",) for p in run.path.iterdir()):
+            shutil.rmtree(run.path, ignore_errors=True)
+    return record
+
+
+def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, held_out,
+           budget, rules, device, timings, t0, progress) -> RunRecord:
+    """Statistics, qparams, sensitivity and plan into the staging folder, each finished
+    step checkpointed; returns the run.json record (written last)."""
+    config, folder = record.config, ckpt.stage.dir
+    layers = record.layers
     modules = {n: model.get_submodule(n) for n, i in layers.items() if i.kind != "embedding"}
-    collect = collect_sequential if config.sequential else collect_full
-    t = time.perf_counter()
-    stats = collect(model, windows, modules, batch_size=config.batch_size, device=device,
-                    hessian=config.hessian, progress=progress)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timings["stats_s"] = time.perf_counter() - t
-    timings["tokens_per_s"] = windows.numel() / max(timings["stats_s"], 1e-9)
-
-    t = time.perf_counter()
-    weights = {n: weight_matrix(m).detach().to(device) for n, m in modules.items()}
-    qparams = compute_qparams(weights, stats, config.formats, observer=config.observer,
-                              method=config.weight_method, progress=progress)
-    tables = {n: model.get_submodule(n).weight.detach().to(device)
-              for n, i in layers.items() if i.kind == "embedding"}
-    qparams.update(compute_embedding_qparams(tables, config.formats,
-                                             method=config.weight_method))
-    timings["qparams_s"] = time.perf_counter() - t
-
-    record = replace(shape_only, versions=_versions(), timings=timings,
+    meta = {"model": config.model, "observer": config.observer,
+            "weight_method": config.weight_method,
+            "formats": ",".join(f.name for f in config.formats)}
+    if ckpt.done("stats"):
+        stats = stats_from_tensors(load_tensors(folder / STATS, STAT_KIND)[0], device)
+    else:
+        collect = collect_sequential if config.sequential else collect_full
+        t = time.perf_counter()
+        stats = collect(model, windows, modules, batch_size=config.batch_size, device=device,
+                        hessian=config.hessian, progress=progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats_s = time.perf_counter() - t
+        save_tensors(folder / STATS, stats_to_tensors(stats), kind=STAT_KIND, metadata=meta)
+        ckpt.mark("stats", {"stats_s": stats_s,
+                            "tokens_per_s": windows.numel() / max(stats_s, 1e-9)})
+    if ckpt.done("qparams"):
+        qparams = {k: v.to(device) for k, v in
+                   load_tensors(folder / QPARAMS, QPARAMS_KIND)[0].items()}
+    else:
+        t = time.perf_counter()
+        weights = {n: weight_matrix(m).detach().to(device) for n, m in modules.items()}
+        qparams = compute_qparams(weights, stats, config.formats, observer=config.observer,
+                                  method=config.weight_method, progress=progress)
+        tables = {n: model.get_submodule(n).weight.detach().to(device)
+                  for n, i in layers.items() if i.kind == "embedding"}
+        qparams.update(compute_embedding_qparams(tables, config.formats,
+                                                 method=config.weight_method))
+        save_tensors(folder / QPARAMS, qparams, kind=QPARAMS_KIND, metadata=meta)
+        ckpt.mark("qparams", {"qparams_s": time.perf_counter() - t})
+    made_from = {QPARAMS: sha256_file(folder / QPARAMS)}
+    record = replace(record, versions=_versions(),
+                     files={STATS: sha256_file(folder / STATS), **made_from},
                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    analysis = None
-    if analyse_it:
+    if config.sensitivity != "none":
         t = time.perf_counter()
         model.to(device)
-        analysis = analyse(model, record, stats, qparams, held_out, budget=budget,
-                           rules=rules, device=device, progress=progress)
+        if ckpt.done("sensitivity"):
+            sens = read_record(folder / SENSITIVITY, SensitivityRecord)
+        else:
+            sens = replace(score(model, record, stats, qparams, held_out, device=device,
+                                 progress=progress), made_from=made_from)
+            write_sensitivity(folder, sens)
+            ckpt.mark("sensitivity", {})
+        plan = measured(replace(make_plan(record, sens, budget, rules), made_from=made_from),
+                        model, qparams, held_out, batch_size=config.batch_size, device=device)
+        write_plan(folder, sens, plan)
         timings["sensitivity_plan_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
+    timings = {**ckpt.state["timings"], **timings,
+               "total_s": time.perf_counter() - t0}
     record = replace(record, timings=timings)
-    _write(run, record, stats_to_tensors(stats), qparams, overwrite, analysis)
+    atomic_write_json(folder / RUN_JSON, record)
     return record
+
+
+def _commit(stage: Stage, run: RunDir, record: RunRecord) -> None:
+    """Promote the new run; files made from other qparams (plan, export, eval) go."""
+    try:
+        previous = read_record(run.file(RUN_JSON), RunRecord).files.get(QPARAMS)
+    except QuantcalError:
+        previous = None
+    stale = DOWNSTREAM if previous != record.files[QPARAMS] else ()
+    stage.commit([STATS, QPARAMS, SENSITIVITY, SENSITIVITY_PNG, PLAN, RUN_JSON], remove=stale)
 
 
 def _outside_bytes(model, layers) -> dict:
@@ -143,22 +244,6 @@ def _outside_bytes(model, layers) -> dict:
                   if i.kind != "embedding" and not (tied and n == "lm_head"))
     total = sum(p.numel() for p in model.parameters())
     return {"other_param_bytes": 2 * (total - planned), "tied_lm_head": tied}
-
-
-def _write(run: RunDir, record: RunRecord, stats: dict, qparams: dict, overwrite: bool,
-           analysis: tuple | None) -> None:
-    meta = {"model": record.config.model, "observer": record.config.observer,
-            "weight_method": record.config.weight_method,
-            "formats": ",".join(f.name for f in record.config.formats)}
-    run.path.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # files made from the previous run no longer match this one
-        for name in DOWNSTREAM:
-            run.file(name).unlink(missing_ok=True)
-    run.save_tensors(STATS, stats, kind=STAT_KIND, metadata=meta)
-    run.save_tensors(QPARAMS, qparams, kind=QPARAMS_KIND, metadata=meta)
-    if analysis is not None:
-        write_analysis(run, *analysis)
-    run.write_run(record)
 
 
 def config_from_options(opts: dict) -> CalibrateConfig:

@@ -9,24 +9,52 @@ Two drivers with the same result:
   the device, calibrated on the cached inputs, its outputs become the next block's inputs,
   and it moves back. Peak device memory is one block plus the cached activations.
 
-Both report progress with tqdm (tokens/s) and remove their hooks on any exit.
+Both report progress with tqdm (tokens/s) and remove their hooks on any exit. Both stop at
+the first non-finite activation: after each batch (full) or block (sequential) the running
+statistics are checked once, and a NaN/Inf ends the run with a QuantcalError naming the
+first layer whose input held it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantcal.calibrate.stats import LayerStats, new_stats, stat_hooks
+from quantcal.calibrate.stats import LayerStats, first_nonfinite_input, new_stats, stat_hooks
+from quantcal.errors import QuantcalError
 from quantcal.models import blocks_of, family_of
+
+log = logging.getLogger(__name__)
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(windows.split(batch_size))  # each (B, L)
+
+
+def check_finite_inputs(stats: dict[str, LayerStats], names: Iterable[str], where: str,
+                        dtype: torch.dtype) -> None:
+    """Raise a QuantcalError naming the first of ``names`` whose input statistics saw a
+    NaN/Inf; ``where`` says when (e.g. ``in batch 3 of 16``). One host synchronisation."""
+    found = first_nonfinite_input(stats, names)
+    if found is None:
+        return
+    name, what = found
+    if dtype in (torch.float16, torch.bfloat16):
+        hint = (f"the model runs in {str(dtype).removeprefix('torch.')}, whose range the "
+                "activations before it likely overflow: rerun with --dtype float32")
+    else:
+        hint = ("the layers before it produce values beyond the float32 range although the "
+                "weights are finite: check the checkpoint (a weight far too large?)")
+    raise QuantcalError(f"the input of layer {name} {what} {where}; {hint}")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def _progress(total_tokens: int, desc: str, enabled: bool) -> tqdm:
@@ -50,12 +78,18 @@ def collect_full(model: nn.Module, windows: torch.Tensor, modules: dict[str, nn.
     stats = new_stats(modules, device, hessian)
     batches = _batches(windows, batch_size)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    dtype = _model_dtype(model)
+
+    def check(i: int) -> None:  # once per batch; a NaN/Inf stays in the running statistics
+        check_finite_inputs(stats, modules, f"in batch {i + 1} of {len(batches)}", dtype)
+
     with stat_hooks(modules, stats), _progress(windows.numel(), "calibrate", progress) as bar:
         if use_graph and len(batches) > 2:
-            _graphed_passes(model, batches, device, bar)
+            _graphed_passes(model, batches, device, bar, check)
         else:
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 model(input_ids=batch.to(device), use_cache=False)
+                check(i)
                 bar.update(batch.numel())
     for s in stats.values():  # capture runs the hooks' Python once without data
         s.tokens = windows.numel()
@@ -63,14 +97,16 @@ def collect_full(model: nn.Module, windows: torch.Tensor, modules: dict[str, nn.
 
 
 def _graphed_passes(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
-                    bar: tqdm) -> None:
+                    bar: tqdm, check: Callable[[int], None]) -> None:
     """Run ``batches`` through ``model``: the first eagerly (warm-up), the full-size ones by
-    replaying one captured CUDA graph, a smaller last one eagerly."""
+    replaying one captured CUDA graph, a smaller last one eagerly; ``check(i)`` after each
+    (outside the graph)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
         model(input_ids=batches[0].to(device), use_cache=False)
     torch.cuda.current_stream(device).wait_stream(side)
+    check(0)
     bar.update(batches[0].numel())
     static = batches[1].to(device).clone()
     graph = torch.cuda.CUDAGraph()
@@ -78,15 +114,16 @@ def _graphed_passes(model: nn.Module, batches: list[torch.Tensor], device: torch
         with torch.cuda.graph(graph):
             model(input_ids=static, use_cache=False)
     except RuntimeError as exc:
-        print(f"quantcal: CUDA graph capture failed ({str(exc).splitlines()[0]}); "
-              "continuing eagerly")
+        log.warning("CUDA graph capture failed (%s); continuing eagerly",
+                    str(exc).splitlines()[0])
         graph = None
-    for batch in batches[1:]:
+    for i, batch in enumerate(batches[1:], start=1):
         if graph is not None and batch.shape == static.shape:
             static.copy_(batch, non_blocking=True)
             graph.replay()
         else:
             model(input_ids=batch.to(device), use_cache=False)
+        check(i)
         bar.update(batch.numel())
 
 
@@ -171,6 +208,7 @@ def collect_sequential(model: nn.Module, windows: torch.Tensor, modules: dict[st
     _module_device_(model, family, device)
     cache = capture_block_inputs(model, windows, batch_size=batch_size, device=device)
     stats = new_stats(modules, device, hessian)
+    dtype = _model_dtype(model)
     total = windows.numel() * len(blocks)
     with _progress(total, "calibrate (sequential)", progress) as bar:
         for i, block in enumerate(blocks):
@@ -184,16 +222,20 @@ def collect_sequential(model: nn.Module, windows: torch.Tensor, modules: dict[st
                     item.args = (hidden,) + tuple(item.args[1:])
                     bar.update(hidden.shape[0] * hidden.shape[1])
             block.to("cpu")
-    _head_stats(model, family, cache, modules, stats)
+            check_finite_inputs(stats, mine, f"in block {i}", dtype)
+    rest = _head_stats(model, family, cache, modules, stats)
+    check_finite_inputs(stats, rest, "after the last block", dtype)
     return stats
 
 
 def _head_stats(model, family, cache: list[BlockInputs], modules: dict[str, nn.Module],
-                stats: dict[str, LayerStats]) -> None:
-    """Run the final norm and head on the last hidden states, with hooks on the head."""
+                stats: dict[str, LayerStats]) -> dict[str, nn.Module]:
+    """Run the final norm and head on the last hidden states, with hooks on the head;
+    returns the modules hooked."""
     rest = {n: m for n, m in modules.items() if not n.startswith(family.blocks + ".")}
     norm = model.get_submodule(family.final_norm)
     head = model.get_submodule(family.lm_head)
     with stat_hooks(rest, stats):
         for item in cache:
             head(norm(item.args[0]))
+    return rest

@@ -135,7 +135,9 @@ def solve(candidates: dict[str, list[Candidate]], *, max_bytes: int | None = Non
         tie = score / max(float(score.sum()), 1e-30) * 1e-6 * float(nbytes.min())
         x = _milp(nbytes + tie, score, groups, float(max_score))
     if x is None:
-        raise QuantcalError("no assignment of formats meets the budget")
+        raise QuantcalError("no assignment of formats meets the budget; loosen it (a larger "
+                            "--target-bits, --max-size or --max-kl) or drop a --keep/--force "
+                            "rule")
     return {n: flat[next(i for i in groups[k] if x[i])] for k, n in enumerate(names)}
 
 

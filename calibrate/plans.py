@@ -13,8 +13,10 @@ fp16 table) for its format's, and a tied head is counted once with the embedding
 
 from __future__ import annotations
 
+import logging
+import math
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -23,7 +25,9 @@ from quantcal.calibrate.planner import Candidate, Rules, apply_rules, feasible_b
 from quantcal.config import Budget, LayerPlan, Plan, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError
 from quantcal.fakequant import fake_quant_modules, swapped
-from quantcal.formats import FP16, BlockQuant, Format, shares_tied_weight
+from quantcal.formats import FP16, BlockQuant, Format, Int4, shares_tied_weight
+
+log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
@@ -121,37 +125,106 @@ def _size_costs(record: RunRecord, cands: dict[str, list[Candidate]]
     return {**cands, "lm_head": head}
 
 
+_SUGGEST = (Int4(128), Int4(64), Int4(32), Int4(128, symmetric=True), Int4(64, symmetric=True),
+            Int4(32, symmetric=True))
+
+
+def _names(cands: dict[str, list[Candidate]]) -> str:
+    """The candidate formats as the user gave them, e.g. ``int8,w8a8`` (and the rules, when
+    some layer is pinned to one candidate)."""
+    seen = dict.fromkeys(c.fmt.name for cs in cands.values() for c in cs
+                         if not isinstance(c.fmt, FP16))
+    ruled = any(len(cs) == 1 for cs in cands.values())
+    return (",".join(seen) or "fp16") + (" under these --keep/--force rules" if ruled else "")
+
+
+def _would_reach(record: RunRecord, cands: dict[str, list[Candidate]],
+                 fits: Callable[[int], bool]) -> str:
+    """``, or add F to calibrate's --formats`` for the first format whose addition
+    makes the smallest plan's bytes ``fits``; empty when none does. Layers pinned by a rule
+    (one candidate) keep theirs."""
+    have = {c.fmt for cs in cands.values() for c in cs}
+    for fmt in (f for f in _SUGGEST if f not in have):
+        lo = sum(min([c.nbytes for c in cs] + ([fmt.weight_bytes(
+            record.layers[n].out_features, record.layers[n].in_features)]
+            if len(cs) > 1 else [])) for n, cs in cands.items())
+        if fits(lo):
+            return f", or add {fmt.name} to calibrate's --formats"
+    return ""
+
+
+def bits_range(record: RunRecord, cands: dict[str, list[Candidate]]) -> tuple[float, float]:
+    """Smallest and largest bits per weight any assignment of ``cands`` stores."""
+    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
+    lo, hi = feasible_bytes(cands)
+    return 8 * lo / weights, max(8 * hi / weights, 16.0)
+
+
+def _target_bits(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
+                 ) -> dict[str, Candidate]:
+    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
+    lo_b, hi_b = bits_range(record, cands)
+    if budget.value < lo_b:
+        lowest = math.ceil(lo_b * 1000) / 1000
+        more = _would_reach(record, cands, lambda b: 8 * b / weights <= budget.value)
+        raise QuantcalError(
+            f"--target-bits {budget.value:g} cannot be met with formats {_names(cands)}: "
+            f"they reach {lo_b:.3f} to {hi_b:.3f} bits/weight (feasible range); "
+            f"pass --target-bits {lowest:g} or more{more}")
+    if budget.value > hi_b:
+        raise QuantcalError(f"--target-bits {budget.value:g} is above the feasible range "
+                            f"{lo_b:.3f} to {hi_b:.3f} bits/weight (the largest plan); pass "
+                            f"--target-bits {hi_b:g} or less")
+    least = feasible_bytes(cands)[0]  # a budget rounded to lo_b may floor below it
+    return solve(cands, max_bytes=max(int(budget.value * weights // 8), least))
+
+
+def _max_size(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
+              ) -> dict[str, Candidate]:
+    costed = _size_costs(record, cands)
+    lo, most = feasible_bytes(costed)
+    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
+    hi = 2 * weights - (2 * record.layers["lm_head"].in_features
+                        * record.layers["lm_head"].out_features
+                        if record.tied_lm_head and "lm_head" in cands else 0)
+    hi = max(hi, most)  # rules can force more: a quantized table and its own fp16 head
+    outside = record.other_param_bytes - _table_bytes(record, cands)
+    low_mb, high_mb = (lo + outside) / 1e6, (hi + outside) / 1e6
+    if budget.value < lo + outside:
+        more = _would_reach(record, costed, lambda b: b + outside <= budget.value)
+        raise QuantcalError(
+            f"--max-size {budget.value / 1e6:.2f}MB cannot be met with formats "
+            f"{_names(cands)}: the model takes {low_mb:.2f}MB to "
+            f"{high_mb:.2f}MB (feasible range); pass --max-size "
+            f"{math.ceil(low_mb * 100) / 100:.2f}MB or more{more}")
+    if budget.value > hi + outside:
+        raise QuantcalError(f"--max-size {budget.value / 1e6:.2f}MB is above the feasible "
+                            f"range {low_mb:.2f}MB to {high_mb:.2f}MB (the largest plan); pass "
+                            f"--max-size {math.floor(high_mb * 100) / 100:.2f}MB or less")
+    picked = solve(costed, max_bytes=int(budget.value - outside))
+    return {n: next(c for c in cands[n] if c.fmt == p.fmt) for n, p in picked.items()}
+
+
 def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
                   ) -> dict[str, Candidate]:
-    """Solve under ``budget``; an unreachable budget names the feasible range."""
+    """Solve under ``budget``; an unreachable budget names the feasible range, the value to
+    pass instead and a format that would reach it."""
     # a budget is an upper bound: above what the rules allow it is slack, not an error;
     # only below the smallest assignment or above all-fp16 is it impossible
-    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
-    fp16 = 2 * weights  # all fp16, whatever the rules allow
+    if budget.value is None or not math.isfinite(budget.value) or budget.value <= 0:
+        raise QuantcalError(f"budget {budget.kind} = {budget.value}: give a finite number "
+                            "above 0")
     if budget.kind == "target_bits":
-        lo, _ = feasible_bytes(cands)
-        lo_b, hi_b = 8 * lo / weights, 8 * fp16 / weights
-        if not lo_b <= budget.value <= hi_b:
-            raise QuantcalError(f"--target-bits {budget.value:g} is impossible with these "
-                                f"formats and rules: feasible range {lo_b:.3f} to {hi_b:.3f}")
-        return solve(cands, max_bytes=int(budget.value * weights // 8))
+        return _target_bits(budget, cands, record)
     if budget.kind == "max_size":
-        costed = _size_costs(record, cands)
-        lo, most = feasible_bytes(costed)
-        hi = 2 * weights - (2 * record.layers["lm_head"].in_features
-                            * record.layers["lm_head"].out_features
-                            if record.tied_lm_head and "lm_head" in cands else 0)
-        hi = max(hi, most)  # rules can force more: a quantized table and its own fp16 head
-        outside = record.other_param_bytes - _table_bytes(record, cands)
-        if not lo + outside <= budget.value <= hi + outside:
-            raise QuantcalError(f"--max-size {budget.value / 1e6:.2f}MB is impossible: feasible "
-                                f"range {(lo + outside) / 1e6:.2f}MB to "
-                                f"{(hi + outside) / 1e6:.2f}MB")
-        picked = solve(costed, max_bytes=int(budget.value - outside))
-        return {n: next(c for c in cands[n] if c.fmt == p.fmt) for n, p in picked.items()}
+        return _max_size(budget, cands, record)
     if budget.kind == "max_kl":
-        if budget.value < 0:
-            raise QuantcalError(f"--max-kl {budget.value:g} is impossible: KL is at least 0")
+        least = sum(min(c.score for c in cs) for cs in cands.values())
+        if budget.value < least:
+            raise QuantcalError(
+                f"--max-kl {budget.value:g} cannot be met: the layers these rules pin "
+                f"predict {least:.4g} nats/token at the least; pass --max-kl {least:.4g} or "
+                "more, or drop a --force rule")
         return solve(cands, max_score=budget.value)
     raise QuantcalError(f"budget {budget.kind!r} cannot be planned; use --target-bits, "
                         "--max-size or --max-kl")
@@ -159,13 +232,18 @@ def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: Run
 
 def default_budget(record: RunRecord, cands: dict[str, list[Candidate]]) -> Budget:
     """``DEFAULT_BITS`` bits per weight, moved into the feasible range if needed (e.g. a
-    hidden size of 576 pads int4-g128 groups, so 4.5 bits may be below all-int4)."""
+    hidden size of 576 pads int4-g128 groups, so 4.5 bits may be below all-int4, and
+    ``--formats int8,w8a8`` reach 8.25 bits at the least); a logged notice says so and
+    names a format that would reach the default."""
     weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
-    lo, hi = (8 * b / weights for b in feasible_bytes(cands))
-    bits = min(max(DEFAULT_BITS, lo), hi)
-    if bits != DEFAULT_BITS:
-        print(f"quantcal: the default budget of {DEFAULT_BITS} bits/weight is outside the "
-              f"feasible range {lo:.3f}-{hi:.3f} of these formats; planning for {bits:.3f}")
+    lo, hi = bits_range(record, cands)
+    if lo <= DEFAULT_BITS:
+        return Budget("target_bits", DEFAULT_BITS)
+    bits = math.ceil(lo * 1000) / 1000
+    more = _would_reach(record, cands, lambda b: 8 * b / weights <= DEFAULT_BITS)
+    log.warning(f"quantcal: no budget given, and the default {DEFAULT_BITS} bits/weight is "
+                f"below what formats {_names(cands)} reach ({lo:.3f} to {hi:.3f}); planning "
+                f"for {bits:g}; pass --target-bits to choose{more}")
     return Budget("target_bits", bits)
 
 

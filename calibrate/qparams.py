@@ -9,7 +9,8 @@ The token embedding gets weight-only qparams for every block format
 (:func:`compute_embedding_qparams`), groups along its hidden dimension.
 
 Tensors are keyed ``{layer}/{format}/{scale|zero|codes}`` and ``{layer}/act/{scale|zero}`` in
-``qparams.safetensors``.
+``qparams.safetensors``. None is ever NaN/Inf: a non-finite result ends the stage with a
+QuantcalError naming the layer and format instead of reaching the file.
 """
 
 from __future__ import annotations
@@ -78,6 +79,27 @@ def activation_qparams(stats: LayerStats, observer: str) -> dict[str, torch.Tens
     return {"scale": scale.reshape(()), "zero": zero.reshape(())}
 
 
+def _finite(t: torch.Tensor, layer: str, fmt: str, key: str) -> torch.Tensor:
+    """``t`` on the CPU, or a QuantcalError if it holds NaN/Inf (or, for a scale, <= 0)."""
+    t = t.cpu()
+    if not t.is_floating_point():
+        return t
+    ok = torch.isfinite(t).all() & ((t > 0).all() if key.endswith("scale") else True)
+    if not bool(ok):
+        raise QuantcalError(
+            f"the {fmt} {key} of layer {layer} came out NaN/Inf or not positive: its weights "
+            f"span more than float32 can scale; check the checkpoint, or drop {fmt} from "
+            "--formats")
+    return t
+
+
+def _check_weight(w: torch.Tensor, layer: str) -> None:
+    """A NaN/Inf weight gives finite but meaningless qparams, so it is refused first."""
+    if not bool(torch.isfinite(w).all()):
+        raise QuantcalError(f"the weights of layer {layer} hold NaN/Inf: the checkpoint is "
+                            "damaged; re-download or re-export it")
+
+
 def compute_qparams(weights_by_layer: dict[str, torch.Tensor], stats: dict[str, LayerStats],
                     formats: tuple[Format, ...], *, observer: str, method: str = "aware",
                     progress: bool = True) -> dict[str, torch.Tensor]:
@@ -92,12 +114,13 @@ def compute_qparams(weights_by_layer: dict[str, torch.Tensor], stats: dict[str, 
     wants_act = any(isinstance(f, W8A8) for f in formats)
     for name in tqdm(weights_by_layer, desc="qparams", unit="layer", disable=not progress):
         w, s = weights_by_layer[name], stats[name]
+        _check_weight(w, name)
         for fmt in formats:
             for key, t in format_qparams(fmt, w, s, method).items():
-                out[f"{name}/{fmt.name}/{key}"] = t.cpu()
+                out[f"{name}/{fmt.name}/{key}"] = _finite(t, name, fmt.name, key)
         if wants_act:
             for key, t in activation_qparams(s, observer).items():
-                out[f"{name}/act/{key}"] = t.cpu()
+                out[f"{name}/act/{key}"] = _finite(t, name, "w8a8", f"activation {key}")
     return out
 
 
@@ -119,10 +142,11 @@ def compute_embedding_qparams(tables: dict[str, torch.Tensor], formats: tuple[Fo
         raise QuantcalError(f"unknown weight method {method!r}; use {', '.join(WEIGHT_METHODS)}")
     out: dict[str, torch.Tensor] = {}
     for name, table in tables.items():
+        _check_weight(table, name)
         uniform = torch.ones(table.shape[1], device=table.device)  # (H,)
         for fmt in formats:
             if isinstance(fmt, BlockQuant):
                 scale, zero = _clip_qparams(fmt, table, uniform, method)
-                out[f"{name}/{fmt.name}/scale"] = scale.cpu()
-                out[f"{name}/{fmt.name}/zero"] = zero.cpu()
+                out[f"{name}/{fmt.name}/scale"] = _finite(scale, name, fmt.name, "scale")
+                out[f"{name}/{fmt.name}/zero"] = _finite(zero, name, fmt.name, "zero")
     return out

@@ -14,18 +14,24 @@ likelihood of tokens sampled from the model itself, one backward pass per held-o
 all layers at once) and ``E[x_k^2]`` from the calibration statistics,
 ``KL ~ 1/2 sum_n F_n sum_k dW_nk^2 E[x_k^2]``. Its Spearman rank correlation with the exact
 scores is reported.
+
+No score is ever NaN/Inf: a held-out batch on which the model's own output is not finite
+names the first layer whose input is not (or the logits), and a score that comes out
+non-finite names its layer and format, each as a QuantcalError.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantcal.calibrate.collect import BlockInputs, capture_block_inputs
-from quantcal.calibrate.stats import LayerStats
+from quantcal.calibrate.collect import BlockInputs, capture_block_inputs, check_finite_inputs
+from quantcal.calibrate.stats import LayerStats, new_stats, stat_hooks
+from quantcal.errors import QuantcalError
 from quantcal.fakequant import act_qparams, fake_quant_module, layer_qparams, quantized_weight
 from quantcal.formats import Format
 from quantcal.models import blocks_of, family_of
@@ -79,6 +85,43 @@ def _kl_per_replica(logits: torch.Tensor, ref_logp: torch.Tensor, copies: int) -
     return kl.flatten(1).mean(1)  # (F,)
 
 
+def _dtype_hint(model: nn.Module) -> str:
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return f"the model runs in {str(dtype).removeprefix('torch.')}: try --dtype float32"
+    return "check the checkpoint"
+
+
+def _nonfinite_output_error(model: nn.Module, batch: torch.Tensor, names, where: str
+                            ) -> QuantcalError:
+    """Why the model's output on ``batch`` (B, T) is not finite: the first of ``names``
+    whose input is not, found by one more forward with statistic hooks (a rare path)."""
+    modules = {n: model.get_submodule(n) for n in names}
+    stats = new_stats(modules, batch.device, hessian=False)
+    try:
+        with torch.inference_mode(), stat_hooks(modules, stats):
+            model(input_ids=batch, use_cache=False)
+        check_finite_inputs(stats, modules, where, next(model.parameters()).dtype)
+    except QuantcalError as exc:
+        return exc
+    return QuantcalError(f"the model's logits are not finite (NaN/Inf) {where} although every "
+                         f"layer's input is; {_dtype_hint(model)}")
+
+
+def _finite_scores(scores: dict[str, dict[str, float]], what: str, model: nn.Module | None
+                   ) -> dict[str, dict[str, float]]:
+    """``scores``, or a QuantcalError naming the first (layer, format) that is NaN/Inf."""
+    for layer, by_format in scores.items():
+        for fmt, value in by_format.items():
+            if not math.isfinite(value):
+                hint = _dtype_hint(model) if model is not None else "check the checkpoint"
+                raise QuantcalError(
+                    f"the {what} of layer {layer} as {fmt} came out {value}: with that layer "
+                    f"in {fmt} the model's output is not finite; {hint}, or drop {fmt} "
+                    "from --formats")
+    return scores
+
+
 def _block_inputs_all(model: nn.Module, batch: torch.Tensor, device: torch.device
                       ) -> tuple[list[BlockInputs], torch.Tensor]:
     """Inputs of every block for one batch, and the final hidden states (head input)."""
@@ -117,10 +160,13 @@ def exact_sensitivity(model: nn.Module, held_out: torch.Tensor, layers: Mapping[
                           act_qparams(qparams, name)) for f in formats]) for name in layers}
     bar = tqdm(total=len(batches) * len(layers), desc="sensitivity", unit="layer",
                disable=not progress, dynamic_ncols=True)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = batch.to(device)
         per_block, final = _block_inputs_all(model, batch, device)
         ref_logp = torch.log_softmax(head(norm(final)).float(), dim=-1)  # (B, T, V)
+        if not bool(torch.isfinite(ref_logp).all()):  # once per batch
+            raise _nonfinite_output_error(model, batch, layers,
+                                          f"on held-out batch {i + 1} of {len(batches)}")
         b = batch.shape[0]
         replicated = [BlockInputs(_replicate(i.args, b, copies), _replicate(i.kwargs, b, copies))
                       for i in per_block]
@@ -143,8 +189,9 @@ def exact_sensitivity(model: nn.Module, held_out: torch.Tensor, layers: Mapping[
             bar.update(1)
     bar.close()
     total = held_out.shape[0]
-    return {n: {f.name: float(v) / total for f, v in zip(formats, sums[n].cpu())}
-            for n in layers}
+    scores = {n: {f.name: float(v) / total for f, v in zip(formats, sums[n].cpu())}
+              for n in layers}
+    return _finite_scores(scores, "sensitivity (KL)", model)
 
 
 def output_fisher(model: nn.Module, held_out: torch.Tensor, names, *, batch_size: int,
@@ -169,10 +216,15 @@ def output_fisher(model: nn.Module, held_out: torch.Tensor, names, *, batch_size
             p.requires_grad_(False)
         for n in names:
             handles.append(model.get_submodule(n).register_full_backward_hook(hook(n)))
-        for batch in held_out.split(batch_size):
+        batches = held_out.split(batch_size)
+        for i, batch in enumerate(batches):
             with torch.enable_grad():
                 emb = embed(batch.to(device)).detach().requires_grad_(True)
                 logits = model(inputs_embeds=emb, use_cache=False).logits.float()
+                if not bool(torch.isfinite(logits).all()):  # once per batch
+                    raise _nonfinite_output_error(
+                        model, batch.to(device), names,
+                        f"on held-out batch {i + 1} of {len(batches)}")
                 logp = torch.log_softmax(logits, dim=-1)
                 y = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=gen)
                 logp.flatten(0, 1).gather(1, y).sum().backward()
@@ -198,7 +250,7 @@ def proxy_sensitivity(weights: Mapping[str, torch.Tensor], stats: Mapping[str, L
         for fmt in formats:
             d = w - quantized_weight(fmt, w, layer_qparams(qparams, name, fmt))  # (N, K)
             out[name][fmt.name] = 0.5 * float((f * (d.square() @ h)).sum())
-    return out
+    return _finite_scores(out, "fast sensitivity (Fisher proxy)", None)
 
 
 def spearman(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, float]]

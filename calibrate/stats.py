@@ -20,6 +20,7 @@ Reads nothing from disk; ``to_tensors``/``from_tensors`` give the ``stats.safete
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import torch
@@ -27,6 +28,8 @@ from torch import nn
 
 from quantcal.calibrate.histogram import HIST_BINS, accumulate_hist_
 from quantcal.calibrate.observers import ActivationSummary
+
+log = logging.getLogger(__name__)
 
 STAT_KIND = "stats"
 HIST_ROWS = 128  # tokens per call that enter the histogram (a strided subsample)
@@ -175,8 +178,8 @@ def _compiled(fn):
         except Exception as exc:  # no working compiler toolchain: eager gives the same numbers
             if compiled is fn:
                 raise
-            print(f"quantcal: torch.compile unavailable ({type(exc).__name__}); "
-                  "statistics run eagerly (slower)")
+            log.warning("torch.compile unavailable (%s); statistics run eagerly (slower)",
+                        type(exc).__name__)
             _COMPILED[fn] = fn
             fn(*args)
     return run
@@ -226,6 +229,35 @@ def stat_hooks(modules: dict[str, nn.Module], stats: dict[str, LayerStats]) -> I
         last.clear()
         for h in handles:
             h.remove()
+
+
+def _saw_nonfinite(mn: torch.Tensor, mx: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
+    """Per channel: did the input hold NaN/Inf? Untouched statistics (min=+inf, max=-inf)
+    do not count; NaN propagates through the running min/max, +-inf sticks to them."""
+    return mn.isnan() | mx.isnan() | (mn == float("-inf")) | (mx == float("inf")) | sum_sq.isinf()
+
+
+def first_nonfinite_input(stats: dict[str, LayerStats], names) -> tuple[str, str] | None:
+    """``(name, what)`` of the first of ``names`` whose input statistics saw a NaN/Inf (or
+    values whose squares overflow float32); None when all are finite.
+
+    Reads the running statistics, not the activations: a few kernels over all the layers and
+    one host synchronisation, meant for once per batch or block, never per hook call.
+    """
+    names = [n for n in names if n in stats]
+    if not names:
+        return None
+    cat = {f: torch.cat([getattr(stats[n], f) for n in names]) for f in ("min", "max", "sum_sq")}
+    if not bool(_saw_nonfinite(cat["min"], cat["max"], cat["sum_sq"]).any()):
+        return None
+    for name in names:  # rare path: find the layer on the host
+        s = stats[name]
+        if bool(_saw_nonfinite(s.min, s.max, s.sum_sq).any()):
+            what = ("holds NaN" if bool(s.min.isnan().any() | s.max.isnan().any()) else
+                    "holds Inf" if bool(s.absmax.isinf().any()) else
+                    "is so large its squares overflow float32")
+            return name, what
+    return None  # pragma: no cover
 
 
 def new_stats(modules: dict[str, nn.Module], device: torch.device | str,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quantcal.errors import QuantcalError
+from quantcal.provenance import verified_export
 from quantcal.rundir import MODEL, QPARAMS, RUN_JSON, RunDir
 
 DEFAULT_MAX_LENGTH = 2048
@@ -357,6 +358,7 @@ def make_backend(model: str | None, run: RunDir, *, provider: str = "auto",
     if fake_quant:
         raise QuantcalError("fake-quant applies to a torch model; an exported ONNX model "
                             "already holds its plan - drop the fake-quant option")
+    verified_export(path)
     from transformers import AutoTokenizer
 
     source = _tokenizer_source(path, run)

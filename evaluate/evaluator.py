@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from quantcal.config import Strict
 from quantcal.errors import QuantcalError
 from quantcal.evaluate.tasks import (
-    GenerateRequest, LoglikelihoodRequest, PerplexityWindow, get_task,
+    GenerateRequest, LoglikelihoodRequest, PerplexityWindow, get_task, select,
 )
+from quantcal.export.positions import model_positions
 from quantcal.rundir import EVAL_JSON, RunDir, atomic_write_json, read_json
 
 
@@ -35,6 +36,8 @@ class VariantResult(Strict):
     size_bytes: int = 0
     speed: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    source: str = ""  # the model file or folder scored
+    made_from: dict[str, str] = field(default_factory=dict)  # sha256 of its files
 
 
 @dataclass(frozen=True)
@@ -65,25 +68,59 @@ def _answer(backend, requests: Sequence, progress: bool, label: str) -> list[Any
 
 
 PERPLEXITY_TASKS = ("wikitext2", "c4")
+DEFAULT_WINDOW = 2048  # perplexity tokens per window without --seq-len (or the model's limit)
+
+
+def _positions(backend) -> int:
+    """Positions the backend's model takes: an export's own limit when it records one."""
+    path = getattr(backend, "path", None)
+    limit = model_positions(path) if path is not None else None
+    return min(backend.max_length, limit or backend.max_length)
 
 
 def _task(name: str, backend, seq_len: int | None, stride: int | None):
-    """The task, perplexity windows sized to ``--seq-len``/``--stride`` and the model."""
+    """The task, perplexity windows sized to ``--seq-len``/``--stride`` and the model;
+    sizes the model cannot take are refused, not cut down silently."""
     if name not in PERPLEXITY_TASKS:
         return get_task(name)
-    length = min(seq_len or 2048, backend.max_length)
-    return get_task(name, seq_len=length, stride=min(stride or length, length))
+    limit = _positions(backend)
+    if seq_len is not None and seq_len > limit:
+        raise QuantcalError(f"--seq-len {seq_len} is longer than the model's {limit} "
+                            f"positions; pass --seq-len {limit} or less")
+    length = seq_len or min(DEFAULT_WINDOW, limit)
+    if stride is not None and stride > length:
+        raise QuantcalError(f"--stride {stride} is longer than the {length}-token window "
+                            f"(--seq-len); pass --stride {length} or less")
+    return get_task(name, seq_len=length, stride=stride or length)
+
+
+def prepare_task(name: str, backend, *, data_dir: Path | None, limit: int | None,
+                 sample: int | None, seed: int, seq_len: int | None = None,
+                 stride: int | None = None) -> tuple[Any, list]:
+    """The task and the documents to score; ``--limit``/``--sample`` above what the task
+    holds are refused with the count."""
+    task = _task(name, backend, seq_len, stride)
+    everything = task.load(data_dir, tokenizer=backend.tokenizer)
+    unit = "windows" if name in PERPLEXITY_TASKS else "documents"
+    for flag, value in (("--limit", limit), ("--sample", sample)):
+        if value is not None and value > len(everything):
+            raise QuantcalError(f"{flag} {value} is more than {name} holds ({len(everything)} "
+                                f"{unit}); pass {flag} {len(everything)} or less")
+    docs = select(everything, limit, sample, seed)
+    if not docs:
+        raise QuantcalError(f"{name}: no documents to evaluate (check --limit/--sample)")
+    return task, docs
 
 
 def run_task(name: str, backend, *, data_dir: Path | None, limit: int | None,
              sample: int | None, seed: int, seq_len: int | None = None,
-             stride: int | None = None, progress: bool = True) -> tuple[dict, int]:
-    """Metrics ``{metric: [value, stderr]}`` of one task, and the number of documents."""
-    task = _task(name, backend, seq_len, stride)
-    docs = task.load(data_dir, limit=limit, sample=sample, seed=seed,
-                     tokenizer=backend.tokenizer)
-    if not docs:
-        raise QuantcalError(f"{name}: no documents to evaluate (check --limit/--sample)")
+             stride: int | None = None, progress: bool = True,
+             prepared: tuple[Any, list] | None = None) -> tuple[dict, int]:
+    """Metrics ``{metric: [value, stderr]}`` of one task, and the number of documents
+    (``prepared``: :func:`prepare_task`'s result, when already made)."""
+    task, docs = prepared or prepare_task(name, backend, data_dir=data_dir, limit=limit,
+                                          sample=sample, seed=seed, seq_len=seq_len,
+                                          stride=stride)
     per_doc = []
     chunk = 64  # documents per batch of requests: progress and bounded memory
     bar = tqdm(total=len(docs), desc=name, unit="doc", disable=not progress)
@@ -103,21 +140,27 @@ def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
                      data_dir: Path | None, limit: int | None, sample: int | None,
                      seed: int, seq_len: int | None = None, stride: int | None = None,
                      size_bytes: int = 0, speed: dict | None = None,
+                     source: str = "", made_from: dict | None = None,
                      progress: bool = True) -> VariantResult:
     """Run ``tasks`` on ``backend`` and store the result under ``label`` in ``eval.json``."""
     t = time.perf_counter()
+    options = dict(data_dir=data_dir, limit=limit, sample=sample, seed=seed, seq_len=seq_len,
+                   stride=stride)
+    prepared = {name: prepare_task(name, backend, **options) for name in tasks}  # fail early
     metrics, docs = {}, {}
     for name in tasks:
-        metrics[name], docs[name] = run_task(name, backend, data_dir=data_dir, limit=limit,
-                                             sample=sample, seed=seed, seq_len=seq_len,
-                                             stride=stride, progress=progress)
+        metrics[name], docs[name] = run_task(name, backend, **options, progress=progress,
+                                             prepared=prepared[name])
     record = read_eval(run)
     earlier = record.variants.get(label)
+    if earlier is not None and earlier.made_from != (made_from or {}):
+        earlier = None  # it scored other files (an earlier export): its tasks are stale
     if earlier is not None:  # other tasks of the same variant, evaluated before, are kept
         metrics, docs = {**earlier.metrics, **metrics}, {**earlier.docs, **docs}
     result = VariantResult(model=label, backend=backend.name, metrics=metrics, docs=docs,
                            size_bytes=size_bytes, speed=speed or {},
-                           seconds=time.perf_counter() - t)
+                           seconds=time.perf_counter() - t, source=source,
+                           made_from=made_from or {})
     atomic_write_json(run.file(EVAL_JSON),
                       EvalRecord(variants={**record.variants, label: result}))
     return result

@@ -2,13 +2,22 @@
 (once evaluated) accuracy, size and speed against the baseline.
 
 Reads ``run.json``, ``plan.json``, ``sensitivity.json``/``.png`` (and ``eval.json`` when
-present); writes ``report.md`` atomically. Sections for files that are absent are left out.
+present), after checking that they belong together (:func:`quantcal.provenance.check_consistent`;
+an evaluation of an earlier export of this run is refused too); writes ``report.md`` and its
+plot as one transaction. Sections for files that are absent are left out.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from quantcal.config import Plan, RunRecord
-from quantcal.rundir import PLAN, REPORT, RunDir, atomic_path, atomic_write_bytes
+from quantcal.errors import QuantcalError
+from quantcal.provenance import check_consistent, onnx_digests
+from quantcal.rundir import MODEL, PLAN, REPORT, RunDir, atomic_path, atomic_write_bytes
+from quantcal.txn import Stage
+
+ACCURACY_PNG = "accuracy_vs_size.png"
 
 
 def _plan_section(plan: Plan) -> list[str]:
@@ -38,12 +47,22 @@ PRIMARY = {"hellaswag": "acc_norm", "gsm8k": "exact_match_flexible",
            "wikitext2": "perplexity", "c4": "perplexity"}
 
 
-def _eval_section(run: RunDir) -> list[str]:
+def _check_current(run: RunDir, record) -> None:
+    """Refuse eval entries of this run's model.onnx that scored an earlier export."""
+    for label, v in record.variants.items():
+        if v.source == MODEL and (not run.has(MODEL) or v.made_from != onnx_digests(
+                run.file(MODEL))):
+            raise QuantcalError(f"eval.json's {label!r} scored an earlier export of "
+                                f"{run.file(MODEL)}; re-run `quantcal eval --run {run.path}`")
+
+
+def _eval_section(run: RunDir, folder: Path) -> list[str]:
     from quantcal.evaluate.evaluator import read_eval
 
     record = read_eval(run)
     if not record.variants:
         return []
+    _check_current(run, record)
     labels = list(record.variants)
     lines = ["## Accuracy, size and speed", "",
              "| task | metric | " + " | ".join(labels) + " |",
@@ -66,8 +85,8 @@ def _eval_section(run: RunDir) -> list[str]:
     docs = "; ".join(f"{t}: {n} docs" for t, n in next(iter(record.variants.values()))
                      .docs.items())
     lines += ["", f"Standard errors as lm-evaluation-harness computes them ({docs}).", ""]
-    if _plot_accuracy_vs_size(record, run.file("accuracy_vs_size.png")):
-        lines += ["![accuracy vs size](accuracy_vs_size.png)", ""]
+    if _plot_accuracy_vs_size(record, folder / ACCURACY_PNG):
+        lines += [f"![accuracy vs size]({ACCURACY_PNG})", ""]
     return lines
 
 
@@ -103,7 +122,19 @@ def _plot_accuracy_vs_size(record, path) -> bool:
 
 
 def write_report(run: RunDir) -> str:
-    """Write ``report.md`` into ``run`` and return its text."""
+    """Write ``report.md`` (and its plot) into ``run`` and return its text."""
+    check_consistent(run)
+    with run.lock("report"):
+        stage = Stage(run.path, "report")
+        try:
+            text = _write(run, stage.dir)
+            stage.commit([REPORT, ACCURACY_PNG], remove=[ACCURACY_PNG])
+        finally:
+            stage.discard()
+    return text
+
+
+def _write(run: RunDir, folder: Path) -> str:
     record: RunRecord = run.read_run()
     cfg = record.config
     lines = [f"# quantcal report: {cfg.model}", "",
@@ -117,7 +148,7 @@ def write_report(run: RunDir) -> str:
         lines += ["## Layer sensitivity", "",
                   "Damage of each candidate format per layer (model order); circles mark the "
                   "plan's choice.", "", "![sensitivity](sensitivity.png)", ""]
-    lines += _eval_section(run)
+    lines += _eval_section(run, folder)
     text = "\n".join(lines)
-    atomic_write_bytes(run.file(REPORT), text.encode())
+    atomic_write_bytes(folder / REPORT, text.encode())
     return text

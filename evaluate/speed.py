@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from quantcal.errors import QuantcalError
+from quantcal.export.positions import check_fits
 from quantcal.graphrunner import decoding_runner
+from quantcal.provenance import verified_export
 
 
 class _PeakMemory:
@@ -60,16 +63,35 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+DECODE_PROMPT = 16  # tokens prefilled before the timed decode steps
+
+
+def _check_sizes(path: Path, batch: int, prompt_len: int, new_tokens: int) -> None:
+    """One line, before any session opens, for sizes the model cannot take."""
+    for flag, value in (("--batch-size", batch), ("--prompt-len", prompt_len),
+                        ("--new-tokens", new_tokens)):
+        if value < 1:
+            raise QuantcalError(f"{flag} must be at least 1, got {value}")
+    check_fits(path, prompt_len, f"--prompt-len {prompt_len}",
+               lambda limit: f"pass --prompt-len {limit} or less")
+    short = min(DECODE_PROMPT, prompt_len)
+    check_fits(path, short + new_tokens,
+               f"--new-tokens {new_tokens} (after a {short}-token prompt)",
+               lambda limit: f"pass --new-tokens {limit - short} or less")
+
+
 def bench_model(path: Path, *, provider: str = "auto", batch: int = 1, prompt_len: int = 1024,
                 new_tokens: int = 128, repeats: int = 3) -> dict[str, float | str]:
     """Prefill and decode throughput, peak memory and size of one exported model."""
     path = Path(path)
+    verified_export(path)
+    _check_sizes(path, batch, prompt_len, new_tokens)
     runner = decoding_runner(path, provider)  # CUDA graphs for decoding where they apply
     used = runner.provider
     rng = np.random.default_rng(0)
     vocab = runner.spec.vocab_size or 1000
     prompt = rng.integers(0, vocab, (batch, prompt_len), dtype=np.int64)
-    short = prompt[:, :16]
+    short = prompt[:, :DECODE_PROMPT]
 
     def prefill() -> None:
         runner.prefill(prompt, host_logits=False,

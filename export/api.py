@@ -1,26 +1,29 @@
 """``export_onnx``: the export stage's one entry point.
 
 Reads ``run.json``, ``qparams.safetensors`` and the plan (``plan.json`` or a user's edited
-copy, checked against the run); builds the decoder for the model's family; writes
-``model.onnx`` (+ ``.onnx.data``) atomically; then verifies what it wrote and records the
-figures in ``export.json``: the ONNX checker, logits against the torch model with the same
-fake-quant applied, and greedy decoding with the KV cache against full recomputation. A
-failed check is an error (the files stay, for inspection, but ``export.json`` says failed).
+copy), and refuses them unless they belong together and the model's files are still the
+ones calibrated (:mod:`quantcal.provenance`). Builds the decoder for the model's family and
+writes ``model.onnx`` (+ ``.onnx.data``) into a staging folder, verifies it there (the ONNX
+checker, logits against the torch model with the same fake-quant, greedy decoding with the
+KV cache against recomputation) and, only when it passed, promotes the model with its record
+(``export.json``) as one transaction (:mod:`quantcal.txn`). A failed or interrupted export
+leaves the previous verified export untouched; a failed one is set aside in
+``.failed-export/`` for inspection. An export written elsewhere (``-o DIR/NAME.onnx``) gets
+its own record beside it (:func:`quantcal.provenance.record_path`) and never touches the
+run's.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import onnx
 import torch
 
-from quantcal.config import Strict
-from quantcal.errors import QuantcalError
+from quantcal.errors import QuantcalError, StageInterrupted
 from quantcal.export.builder import save_model
 from quantcal.export.decoder import build_llama
 from quantcal.export.decoder_gpt2 import build_gpt2
@@ -29,69 +32,114 @@ from quantcal.export.parity import check_parity
 from quantcal.fakequant import fake_quant_modules, swapped
 from quantcal.models import family_of, load_model
 from quantcal.plancheck import resolved_formats
-from quantcal.rundir import EXPORT_JSON, MODEL, QPARAMS, RunDir, atomic_write_json
+from quantcal.provenance import (
+    ExportRecord, check_digest, check_model_unchanged, onnx_digests, record_path, sha256_file,
+)
+from quantcal.rundir import MODEL, PLAN, QPARAMS, RUN_JSON, RunDir, atomic_write_json
+from quantcal.txn import Stage
 
 BUILDERS = {"llama": build_llama, "gpt2": build_gpt2}  # keyed by models.Family.name
 DTYPES = {"cuda": np.float16, "cpu": np.float32}
 
 
-@dataclass(frozen=True)
-class ExportRecord(Strict):
-    """``export.json``: what was exported and how well it matches torch."""
+def _checked_inputs(run: RunDir, plan_path: Path | None):
+    """run.json, the plan and the qparams, refused unless they belong together and the
+    model's files are the ones calibrated."""
+    record = run.read_run()
+    plan = run.read_plan(plan_path)
+    qpath = run.require(QPARAMS)
+    remedy = "re-run `quantcal calibrate` on this run directory"
+    check_digest(qpath, record.files.get(QPARAMS), str(run.file(RUN_JSON)), remedy)
+    check_digest(qpath, plan.made_from.get(QPARAMS), f"the plan {plan_path or run.file(PLAN)}",
+                 f"make the plan from this run (`quantcal plan --run {run.path}`) or start "
+                 f"your edits from {run.file(PLAN)}")
+    check_model_unchanged(record.config.model, record.config.revision, record.model_files,
+                          str(run.file(RUN_JSON)))
+    plan_digest = sha256_file(Path(plan_path) if plan_path else run.file(PLAN))
+    made_from = {**{f"model/{k}": v for k, v in record.model_files.items()},
+                 QPARAMS: sha256_file(qpath), PLAN: plan_digest}
+    return record, plan, made_from
 
-    versioned: ClassVar[bool] = True
 
-    model: str
-    provider: str
-    dtype: str
-    path: str
-    file_bytes: int
-    ops: dict[str, int] = field(default_factory=dict)
-    parity: dict[str, float] = field(default_factory=dict)
-    passed: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
+def _finite(figures: dict) -> dict:
+    """JSON has no NaN: a non-finite figure (a broken export) is recorded as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in figures.items()}
 
 
 def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "cuda",
                 output: Path | None = None, verify_provider: str | None = None
                 ) -> ExportRecord:
-    """Export the run's model under its plan; verify (on ``verify_provider``, by default
-    the target provider, CPU when CUDA cannot run); write ``export.json``."""
+    """Export the run's model under its plan; verify it (on ``verify_provider``, by default
+    the target provider, CPU when CUDA cannot run); commit it with its record."""
     if provider not in DTYPES:
         raise QuantcalError(f"--provider {provider!r}: use cuda or cpu")
+    record, plan, made_from = _checked_inputs(run, plan_path)
+    path = Path(output) if output else run.file(MODEL)
+    if path.suffix != ".onnx":
+        raise QuantcalError(f"-o {path}: name the model file NAME.onnx")
+    folder, own = path.parent, output is None or path.resolve() == run.file(MODEL).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with run.lock("export"):
+            stage = Stage(folder, f"export-{path.stem}",
+                          staging_root=".staging" if own else ".quantcal-staging")
+            try:
+                out = _build_and_verify(stage, path, run, record, plan, made_from,
+                                        provider, verify_provider)
+                if not out.passed:
+                    failed = folder / (".failed-export" if own else f".failed-{path.stem}")
+                    stage.set_aside(failed)
+                    raise QuantcalError(_failure(out, path, failed))
+                stage.commit([path.name, path.name + ".data", record_path(path).name],
+                             remove=[path.name + ".data"])
+            finally:
+                stage.discard()
+    except KeyboardInterrupt:
+        raise StageInterrupted(f"the export was not committed; {path} and its record are "
+                               "as they were") from None
+    return out
+
+
+def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made_from: dict,
+                      provider: str, verify_provider: str | None) -> ExportRecord:
+    """Build, save and verify the model in the staging folder; write its record there."""
     t0 = time.perf_counter()
-    record = run.read_run()
-    plan = run.read_plan(plan_path)
     qparams, meta = run.load_tensors(QPARAMS, "qparams")
     formats = resolved_formats(plan, record, meta.get("formats", "").split(","))
     model, _ = load_model(record.config.model, revision=record.config.revision,
+                          trust_remote_code=record.config.trust_remote_code,
                           dtype=torch.float32, device="cpu")
     builder = BUILDERS.get(family_of(model).name)
     if builder is None:
         raise QuantcalError(f"no ONNX exporter for the {family_of(model).name} family yet")
     dtype = DTYPES[provider]
     graph = builder(model, formats, qparams, dtype).model()
-    path = Path(output) if output else run.file(MODEL)
-    save_model(graph, path)
+    staged = stage.file(final.name)
+    save_model(graph, staged)
     timings = {"build_s": time.perf_counter() - t0}
-    onnx.checker.check_model(str(path), full_check=False)
-
+    onnx.checker.check_model(str(staged), full_check=False)
     t = time.perf_counter()
     with swapped(model, fake_quant_modules(model, formats, qparams)):
-        parity = check_parity(path, model, provider=verify_provider or provider, dtype=dtype)
+        parity = check_parity(staged, model, provider=verify_provider or provider, dtype=dtype)
     timings["verify_s"] = time.perf_counter() - t
-    files = [path, path.with_name(path.name + ".data")]
+    files = onnx_digests(staged)
     out = ExportRecord(
         model=record.config.model, provider=provider, dtype=np.dtype(dtype).name,
-        path=str(path), file_bytes=sum(p.stat().st_size for p in files if p.exists()),
-        ops=graph_op_counts(graph), parity=parity, passed=bool(parity["passed"]),
-        timings=timings)
-    atomic_write_json(run.file(EXPORT_JSON), out)
-    if not out.passed:
-        raise QuantcalError(
-            f"the exported model does not match torch (logits max abs error "
-            f"{parity['logits_max_abs']:.3g}, decode step {parity['decode_step_max_abs']:.3g}, "
-            f"tolerance {parity['tolerance']:.3g}; greedy decoding with the cache "
-            f"{'matches' if parity['greedy_match'] else 'differs from'} recomputation); see "
-            f"{run.file(EXPORT_JSON)}")
+        path=final.name, file_bytes=sum((stage.dir / n).stat().st_size for n in files),
+        ops=graph_op_counts(graph), parity=_finite(parity), passed=bool(parity["passed"]),
+        timings=timings, made_from=made_from, files=files)
+    atomic_write_json(stage.file(record_path(final).name), out)
     return out
+
+
+def _failure(out: ExportRecord, path: Path, failed: Path) -> str:
+    p = out.parity
+
+    def fmt(v):
+        return "non-finite" if v is None else f"{v:.3g}"
+    return (f"the exported model does not match torch (logits max abs error "
+            f"{fmt(p.get('logits_max_abs'))}, decode step {fmt(p.get('decode_step_max_abs'))}, "
+            f"tolerance {fmt(p.get('tolerance'))}; greedy decoding with the cache "
+            f"{'matches' if p.get('greedy_match') else 'differs from'} recomputation); "
+            f"{path} was not replaced; the failed model and its record are in {failed}")

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 from quantcal.errors import QuantcalError
+from quantcal.export.positions import check_fits
 from quantcal.graphrunner import decoding_runner
+from quantcal.provenance import verified_export
 from quantcal.rundir import MODEL, RunDir
 
 
@@ -19,17 +21,24 @@ def generate_text(run: RunDir, prompt: str, *, model_path: Path | None = None,
     from transformers import AutoTokenizer
 
     path = Path(model_path) if model_path else run.require(MODEL)
+    verified_export(path)
     source = tokenizer or run.read_run().config.model
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise QuantcalError(f"could not load the tokenizer from {source!r} ({exc}); pass "
                             "--tokenizer DIR") from None
-    runner = decoding_runner(path, provider)  # CUDA graphs for decoding where they apply
-    used = runner.provider
     ids = tok(prompt, add_special_tokens=False).input_ids
     if not ids:
         raise QuantcalError("the prompt is empty; pass --prompt TEXT")
+    if max_new_tokens < 1:
+        raise QuantcalError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_fits(path, len(ids) + max_new_tokens,
+               f"a {len(ids)}-token prompt and --max-new-tokens {max_new_tokens}",
+               lambda limit: f"pass --max-new-tokens {max(limit - len(ids), 0)} or less"
+               + ("" if limit > len(ids) else " with a shorter --prompt"))
+    runner = decoding_runner(path, provider)  # CUDA graphs for decoding where they apply
+    used = runner.provider
     t = time.perf_counter()
     new = runner.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id)
     seconds = time.perf_counter() - t

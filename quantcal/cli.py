@@ -1,23 +1,33 @@
 """The ``quantcal`` command line: parses options and calls the stages; holds no logic.
 
 Defaults may come from ``quantcal.toml`` (see :mod:`quantcal.tomlconfig`); flags win.
-A :class:`QuantcalError` ends the command with one line on stderr and exit status 2;
-Ctrl-C ends it with status 130 (files are written atomically, so nothing is half-written).
+A :class:`QuantcalError`, an OS fault (no space, read-only, permission) or a usage error
+(bad flag, bad value: every number is checked by :mod:`quantcal.cliparams` before any work)
+ends the command with one line on stderr, ``quantcal: error: ...``, and exit status 2;
+Ctrl-C ends it with status 130 and says what the interrupted stage kept, when it knows.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from quantcal import __version__
-from quantcal.errors import QuantcalError
+from quantcal.cliparams import (
+    COUNT, POSITIVE, TARGET_BITS, Count, Device, ForceRule, Formats, Size, Tasks,
+)
+from quantcal.errors import QuantcalError, os_error_line
 from quantcal.rundir import DEFAULT_RUN_DIR
 from quantcal.tomlconfig import CONFIG_NAME, load_defaults
 
 RUN_HELP = f"Run directory this stage reads and writes (default ./{DEFAULT_RUN_DIR})."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 class QuantcalGroup(click.Group):
@@ -27,15 +37,35 @@ class QuantcalGroup(click.Group):
         try:
             return super().invoke(ctx)
         except QuantcalError as exc:
-            click.echo(f"quantcal: error: {exc}", err=True)
+            click.echo(f"quantcal: error: {_one_line(exc)}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
-            click.echo("quantcal: interrupted; no partial files were left behind", err=True)
+        except OSError as exc:
+            click.echo(f"quantcal: error: {_one_line(os_error_line(exc))}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt as exc:
+            said = _one_line(exc)
+            click.echo("quantcal: interrupted" + (f"; {said}" if said else ""), err=True)
             ctx.exit(130)
 
-
-def _not_yet(command: str) -> None:
-    raise QuantcalError(f"`quantcal {command}` is not yet available in quantcal {__version__}")
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        """Click's main, but a usage error is one line (no usage block, no 'Try' hint)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "quantcal"
+            click.echo(f"quantcal: error: {_one_line(exc.format_message())} "
+                       f"(see `{where} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"quantcal: error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("quantcal: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def run_option(f):
@@ -46,13 +76,15 @@ def run_option(f):
 def budget_options(f):
     """--target-bits / --max-size / --max-kl and the --keep / --force rules."""
     opts = [
-        click.option("--target-bits", type=float, help="Average bits per quantizable weight, "
-                     "scales and zero points counted (e.g. 4.5)."),
-        click.option("--max-size", help="Largest exported model size, e.g. 90MB or 1.2GB."),
-        click.option("--max-kl", type=float, help="Largest predicted whole-model KL (nats/token)."),
+        click.option("--target-bits", type=TARGET_BITS, help="Average bits per quantizable "
+                     "weight, scales and zero points counted (e.g. 4.5)."),
+        click.option("--max-size", type=Size(),
+                     help="Largest exported model size, e.g. 90MB or 1.2GB."),
+        click.option("--max-kl", type=POSITIVE,
+                     help="Largest predicted whole-model KL (nats/token)."),
         click.option("--keep", multiple=True, metavar="PATTERN",
                      help="Keep layers matching this glob in fp16 (repeatable), e.g. 'lm_head'."),
-        click.option("--force", multiple=True, metavar="PATTERN=FORMAT",
+        click.option("--force", multiple=True, type=ForceRule(), metavar="PATTERN=FORMAT",
                      help="Force layers matching a glob to a format (repeatable), "
                      "e.g. '*.down_proj=int8'; the token embedding stays fp16 unless forced, "
                      "e.g. 'model.embed_tokens=int4-g32'."),
@@ -78,7 +110,7 @@ def cli(ctx: click.Context) -> None:
     set in ./quantcal.toml: top-level keys (e.g. model, run) apply to every command that has
     them, a [calibrate] / [export] / ... table to one command; command-line flags win.
     """
-    params = {name: {p.name for p in cmd.params if p.name} for name, cmd in cli.commands.items()}
+    params = {name: [p for p in cmd.params if p.name] for name, cmd in cli.commands.items()}
     ctx.default_map = load_defaults(Path.cwd() / CONFIG_NAME, params)
 
 
@@ -93,19 +125,20 @@ def cli(ctx: click.Context) -> None:
               "file. Named sets load through `datasets`, or from $QUANTCAL_DATA_DIR.")
 @click.option("--text-field", default="text", show_default=True,
               help="Field holding the text in json/jsonl/parquet files.")
-@click.option("--samples", type=int, default=128, show_default=True,
+@click.option("--samples", type=COUNT, default=128, show_default=True,
               help="Number of calibration windows.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
+@click.option("--seq-len", type=COUNT, default=512, show_default=True, help="Tokens per window.")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True,
               help="Windows per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for choosing windows.")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--device", type=Device(), default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N.")
 @click.option("--observer", type=click.Choice(["minmax", "percentile", "mse", "entropy"]),
               default="mse", show_default=True,
               help="How activation clip ranges (w8a8 scales) are chosen from the statistics.")
-@click.option("--formats", default="int8,int4-g128,int4-g32", show_default=True,
+@click.option("--formats", type=Formats(), default="int8,int4-g128,int4-g32",
+              show_default=True,
               help="Candidate formats to compute qparams and sensitivity for "
               "(fp16, int8, int4-g32|g64|g128, w8a8).")
 @click.option("--weight-method", type=click.Choice(["aware", "rtn"]), default="aware",
@@ -123,9 +156,12 @@ def cli(ctx: click.Context) -> None:
               "fast: a proxy from the statistics (no forward passes).")
 @click.option("--no-sensitivity", is_flag=True,
               help="Stop after the qparams: no sensitivity.json and no plan.json.")
-@click.option("--sensitivity-samples", type=int, default=32, show_default=True,
+@click.option("--sensitivity-samples", type=COUNT, default=32, show_default=True,
               help="Held-out windows (not used for calibration) for the sensitivity scores "
               "and the plan's measured KL.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run Python code shipped in the model folder or repository (auto_map in "
+              "config.json); only for models whose source you trust.")
 @budget_options
 @click.option("--overwrite", is_flag=True,
               help="Replace a different run already in the run directory.")
@@ -229,8 +265,9 @@ def export(**opts) -> None:
 
 @cli.command()
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--max-new-tokens", type=COUNT, default=64, show_default=True)
+@click.option("--model", "model_path",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Exported model (default: RUN/model.onnx).")
 @click.option("--tokenizer", help="Tokenizer folder or id (default: the run's model).")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
@@ -252,24 +289,24 @@ def generate(**opts) -> None:
 
 @cli.command(name="eval")
 @click.argument("model", required=False)
-@click.option("--tasks", default="hellaswag,gsm8k,wikitext2", show_default=True,
+@click.option("--tasks", type=Tasks(), default="hellaswag,gsm8k,wikitext2", show_default=True,
               help="Comma-separated: hellaswag, gsm8k, wikitext2, c4.")
-@click.option("--limit", type=int, help="Score the first N documents of each task.")
-@click.option("--sample", type=int, help="Score a random subset of N documents (see --seed).")
+@click.option("--limit", type=COUNT, help="Score the first N documents of each task.")
+@click.option("--sample", type=COUNT, help="Score a random subset of N documents (see --seed).")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed for --sample.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True,
               help="onnxruntime provider (auto: cuda when it works, else cpu).")
-@click.option("--device", default="cpu", show_default=True,
+@click.option("--device", type=Device(), default="cpu", show_default=True,
               help="Device of torch backends (the source model, the baseline).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--seq-len", type=int, help="Perplexity window (default 2048, or the model's "
+@click.option("--batch-size", type=COUNT, default=8, show_default=True)
+@click.option("--seq-len", type=Count(2), help="Perplexity window (default 2048, or the model's "
               "limit if smaller).")
-@click.option("--stride", type=int, help="Perplexity stride (default: --seq-len, disjoint "
+@click.option("--stride", type=COUNT, help="Perplexity stride (default: --seq-len, disjoint "
               "windows).")
 @click.option("--baseline", is_flag=True,
               help="Also evaluate the source FP model (torch) the same way, side by side.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local folder laid out like shared/data (or set $QUANTCAL_DATA_DIR).")
 @run_option
 def eval_(**opts) -> None:
@@ -284,8 +321,12 @@ def eval_(**opts) -> None:
     from quantcal.evaluate.evaluator import format_results
     from quantcal.rundir import RunDir
 
-    tasks = [t.strip() for t in opts["tasks"].split(",") if t.strip()]
-    record = evaluate(opts["model"], RunDir(opts["run"]), tasks, limit=opts["limit"],
+    if opts["stride"] and opts["seq_len"] and opts["stride"] > opts["seq_len"]:
+        raise QuantcalError(f"--stride {opts['stride']} is longer than --seq-len "
+                            f"{opts['seq_len']}: windows would skip tokens; pass --stride "
+                            f"{opts['seq_len']} or less")
+    record = evaluate(opts["model"], RunDir(opts["run"]), list(opts["tasks"]),
+                      limit=opts["limit"],
                       sample=opts["sample"], seed=opts["seed"], provider=opts["provider"],
                       data_dir=opts["data_dir"], baseline=opts["baseline"],
                       device=opts["device"], batch_size=opts["batch_size"],
@@ -298,22 +339,23 @@ def eval_(**opts) -> None:
 @click.option("--model", help="bench calibrate: hub id or local folder of the model.")
 @click.option("--shape", type=click.Choice(["smollm2-135m", "llama-3.2-1b"]),
               help="bench calibrate: a random-weight model of this real shape instead.")
-@click.option("--samples", type=int, default=32, show_default=True,
+@click.option("--samples", type=COUNT, default=32, show_default=True,
               help="bench calibrate: number of windows.")
-@click.option("--seq-len", type=int, default=512, show_default=True,
+@click.option("--seq-len", type=COUNT, default=512, show_default=True,
               help="bench calibrate: tokens per window.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
+@click.option("--batch-size", type=COUNT, default=8, show_default=True,
               help="Windows per forward pass (calibrate) or sequences (model).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", type=Device(), default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--baseline", "baselines", multiple=True,
-              type=click.Path(dir_okay=False, path_type=Path),
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="bench MODEL: other exports to measure side by side (e.g. the fp16 one).")
-@click.option("--prompt-len", type=int, default=1024, show_default=True,
+@click.option("--prompt-len", type=COUNT, default=1024, show_default=True,
               help="bench MODEL: prompt length for prefill tokens/s.")
-@click.option("--new-tokens", type=int, default=128, show_default=True,
+@click.option("--new-tokens", type=COUNT, default=128, show_default=True,
               help="bench MODEL: greedy steps for decode tokens/s.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True, help="bench MODEL: onnxruntime provider.")
@@ -353,7 +395,12 @@ def report(**opts) -> None:
     click.echo(f"wrote {run.file(REPORT)}")
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # `kill PID` ends a stage as Ctrl-C does: nothing half-committed
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="quantcal")
 
 

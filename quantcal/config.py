@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Union
 from quantcal.errors import QuantcalError
 from quantcal.formats import DEFAULT_CANDIDATES, Format, parse_format
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: provenance (model_files, files, made_from)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -141,6 +141,7 @@ class CalibrateConfig(Strict):
     formats: tuple[Format, ...] = DEFAULT_CANDIDATES
     sensitivity: str = "exact"  # exact | fast | none
     sensitivity_samples: int = 32
+    trust_remote_code: bool = False  # run code shipped in the model folder (auto_map)
 
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "batch_size"):
@@ -184,6 +185,8 @@ class RunRecord(Strict):
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str = ""
+    model_files: dict[str, str] = field(default_factory=dict)  # sha256 of config + weights
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of stats and qparams written
 
 
 SENSITIVITY_METHODS = ("exact", "fast")
@@ -209,6 +212,7 @@ class SensitivityRecord(Strict):
     proxy: dict[str, dict[str, float]] = field(default_factory=dict)
     spearman: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    made_from: dict[str, str] = field(default_factory=dict)  # sha256 of the qparams scored
 
     def __post_init__(self) -> None:
         if self.method not in SENSITIVITY_METHODS:
@@ -255,3 +259,4 @@ class Plan(Strict):
     predicted_size_bytes: int = 0
     kl_predicted: float | None = None  # sum of the layers' scores
     kl_measured: float | None = None  # the whole plan applied at once, on held-out windows
+    made_from: dict[str, str] = field(default_factory=dict)  # sha256 of the qparams planned

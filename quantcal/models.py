@@ -4,12 +4,18 @@ A family is a row of data saying where a decoder-only LM keeps its blocks, embed
 final norm and head; no subclass per family and no chain of class-name checks. This module
 also finds every quantizable module by name (``nn.Linear`` and GPT-2's ``Conv1D``, whose
 weight is stored transposed) and resolves devices and dtypes explicitly.
+
+:func:`load_model` reads a model folder or hub id without surprises: it never prompts, runs
+code from the folder (``auto_map``) only when told to trust it, loads safetensors only (never
+unpickles), and refuses weights holding NaN/Inf, each with one QuantcalError line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -125,29 +131,154 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_model(name: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+               device: torch.device | str = "cpu", trust_remote_code: bool = False
+               ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer from a local folder or the hub, in eval mode.
+
+    Never prompts and never unpickles: code shipped with the model (``auto_map``) runs only
+    with ``trust_remote_code``, weights load from safetensors only, and a weight or buffer
+    holding NaN/Inf is refused by name.
 
     Returns:
         ``(model, tokenizer)``; the model is on ``device`` in ``dtype``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    source = _model_source(name)
+    check_model_config(_config_dict(source, name, revision), name, trust_remote_code)
+    if Path(source).is_dir():
+        _check_folder(Path(source), name, trust_remote_code)
+    model, tokenizer = _from_pretrained(source, name, revision, dtype, trust_remote_code)
+    family_of(model)
+    model = model.to(device).eval()
+    check_finite_weights(model, name)
+    return model, tokenizer
 
+
+def _model_source(name: str) -> str:
+    """The local folder or hub id to load, or a QuantcalError for a missing folder."""
     path = Path(name).expanduser()
     if _looks_like_path(name) and not path.is_dir():
         raise QuantcalError(f"model folder {name} not found; pass a local Hugging Face model "
                             "folder or a hub id such as HuggingFaceTB/SmolLM2-135M")
-    source = str(path) if path.is_dir() else name
     if path.is_dir() and not (path / "config.json").is_file():
         raise QuantcalError(f"{name} has no config.json; is it a Hugging Face model folder?")
+    return str(path) if path.is_dir() else name
+
+
+def _config_dict(source: str, name: str, revision: str | None) -> dict:
+    """config.json as a plain dict (read, never executed)."""
+    from transformers import PretrainedConfig
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+        config, _ = PretrainedConfig.get_config_dict(source, revision=revision)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _load_error(name, exc) from None
+    return config
+
+
+def _custom_code_error(name: str, where: str) -> QuantcalError:
+    return QuantcalError(
+        f"model {name!r} needs custom code from the model folder (auto_map in {where}); "
+        "quantcal runs it only with --trust-remote-code (pass it only if you trust its source)")
+
+
+def check_model_config(config: dict, name: str, trust_remote_code: bool = False) -> None:
+    """Refuse, before any weight is read, a config that needs code from the model folder
+    (unless ``trust_remote_code``) or names a model type quantcal cannot calibrate."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if config.get("auto_map"):
+        if not trust_remote_code:
+            raise _custom_code_error(name, "config.json")
+        return  # the folder's own config class decides the model type
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
         raise QuantcalError(
-            f"could not load model {name!r} ({first}); check the id or folder, and for hub ids "
-            "your network or HF_HUB_OFFLINE"
-        ) from None
-    family_of(model)
-    return model.to(device).eval(), tokenizer
+            f"model type {model_type!r} of {name!r} is not known to transformers "
+            f"{transformers.__version__} and config.json names no custom code (auto_map); "
+            f"quantcal supports {', '.join(SUPPORTED)}")
+    if model_type not in SUPPORTED:
+        raise QuantcalError(
+            f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CONVERT_HINT = ("convert it once, in an environment you trust, with "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+                "safe_serialization=True)")
+
+
+def _check_folder(folder: Path, name: str, trust_remote_code: bool) -> None:
+    """A local folder must hold ``*.safetensors`` weights (pickle files can run code when
+    loaded) and, unless trusted, a tokenizer that needs no code from the folder."""
+    tok_cfg = folder / "tokenizer_config.json"
+    if not trust_remote_code and tok_cfg.is_file():
+        try:
+            needs_code = bool(json.loads(tok_cfg.read_text()).get("auto_map"))
+        except (ValueError, AttributeError):
+            needs_code = False  # transformers words a broken tokenizer config itself
+        if needs_code:
+            raise _custom_code_error(name, "tokenizer_config.json")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise QuantcalError(
+            f"model folder {name} holds only pickle weights ({', '.join(pickles[:3])}); "
+            f"quantcal loads safetensors only, since unpickling can run code: {CONVERT_HINT}")
+    raise QuantcalError(f"model folder {name} has no weights (no *.safetensors file); "
+                        "save the model into it with save_pretrained(dir)")
+
+
+def _from_pretrained(source: str, name: str, revision: str | None, dtype: torch.dtype,
+                     trust_remote_code: bool) -> tuple[nn.Module, object]:
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # trust_remote_code is always explicit: left None, transformers may ask on stdin
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision,
+                                                  trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+    except SafetensorError as exc:
+        raise QuantcalError(f"model {name!r} has a damaged weight file ({exc}); re-download or "
+                            "re-export it") from None
+    return model, tokenizer
+
+
+def _load_error(name: str, exc: Exception) -> QuantcalError:
+    """One line for a failed hub/folder load: custom code, missing safetensors, or else."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "custom code" in text:
+        return _custom_code_error(name, "config.json or tokenizer_config.json")
+    if "safetensors" in text and ("no file named" in text or "does not appear" in text):
+        return QuantcalError(f"model {name!r} has no safetensors weights; quantcal loads "
+                             f"safetensors only, since unpickling can run code: {CONVERT_HINT}")
+    return QuantcalError(
+        f"could not load model {name!r} ({first}); check the id or folder, and for hub ids "
+        "your network or HF_HUB_OFFLINE")
+
+
+def check_finite_weights(model: nn.Module, name: str) -> None:
+    """Refuse a model with a NaN/Inf in any floating parameter or buffer, naming the first
+    few. One ``isfinite().all()`` per tensor, read back with a single synchronisation."""
+    tensors = [(n, t) for n, t in chain(model.named_parameters(), model.named_buffers())
+               if t.is_floating_point()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu()  # (P,)
+    bad = [(n, t) for (n, t), ok in zip(tensors, finite.tolist()) if not ok]
+    if not bad:
+        return
+    listed = ", ".join(f"{n} ({'NaN' if bool(t.isnan().any()) else 'Inf'})" for n, t in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    dtype = bad[0][1].dtype
+    half = (f"; or its values overflow {str(dtype).removeprefix('torch.')}: try --dtype float32"
+            if dtype in (torch.float16, torch.bfloat16) else "")
+    raise QuantcalError(f"model {name!r} has non-finite weights in {listed}{more}: the "
+                        f"checkpoint is damaged; re-download or re-export it{half}")

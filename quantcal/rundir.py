@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,7 @@ _PRODUCER = {
 }
 
 R = TypeVar("R", bound=Strict)
+_META = "quantcal"  # the safetensors metadata key holding quantcal's own metadata
 
 
 def _umask() -> int:
@@ -80,11 +82,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _non_finite(obj: Any, where: str) -> str | None:
+    """The key path of the first NaN or infinity in plain JSON data, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where
+    items = obj.items() if isinstance(obj, dict) else (
+        enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+    for k, v in items:
+        found = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON (a Strict record or plain data) atomically, indented for humans."""
+    """Write JSON (a Strict record or plain data) atomically, indented for humans.
+
+    NaN and infinity are refused (JSON has no such numbers): the error names the key."""
     if isinstance(obj, Strict):
         obj = obj.to_dict()
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    bad = _non_finite(obj, "")
+    if bad is not None:
+        raise QuantcalError(f"refusing to write a non-finite number into {Path(path).name} "
+                            f"(at {bad}); the computation that produced it went wrong")
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+                              + "\n").encode())
 
 
 def read_json(path: str | os.PathLike, producer: str | None = None) -> Any:
@@ -118,8 +140,10 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind
 
     meta = {"schema_version": str(SCHEMA_VERSION), "kind": kind, **(metadata or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # one metadata key holding sorted JSON: safetensors writes several keys in a random
+    # order per process, and equal content must give equal bytes (digests, provenance)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata={_META: json.dumps(meta, sort_keys=True)})
 
 
 def load_tensors(path: str | os.PathLike, kind: str, producer: str | None = None
@@ -133,7 +157,8 @@ def load_tensors(path: str | os.PathLike, kind: str, producer: str | None = None
         raise QuantcalError(f"{path} not found{hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+            raw = dict(f.metadata() or {})
+            meta = json.loads(raw[_META]) if _META in raw else raw
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise QuantcalError(f"{path} is corrupted ({exc}); re-create it"
@@ -152,6 +177,16 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike = DEFAULT_RUN_DIR):
         self.path = Path(path)
+        self._recovered = False
+
+    def recover(self) -> None:
+        """Finish a commit a killed stage left half done (once per instance), so that
+        what is read next is one stage's whole set."""
+        if not self._recovered:
+            from quantcal.txn import recover
+
+            recover(self.path)
+            self._recovered = True
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -160,10 +195,14 @@ class RunDir:
         return self.path / name
 
     def has(self, name: str) -> bool:
+        self.recover()
         return self.file(name).is_file()
 
     def require(self, name: str) -> Path:
         """The path of ``name``, or a QuantcalError saying which stage makes it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise QuantcalError(f"--run {self.path} is a file, not a run directory; pass the "
+                                "folder that `quantcal calibrate` wrote")
         if not self.path.is_dir():
             raise QuantcalError(
                 f"run directory {self.path} does not exist; run `quantcal calibrate` first "
@@ -179,19 +218,17 @@ class RunDir:
     def read_run(self) -> RunRecord:
         return read_record(self.require(RUN_JSON), RunRecord, _PRODUCER[RUN_JSON])
 
-    def write_run(self, record: RunRecord) -> None:
-        atomic_write_json(self.file(RUN_JSON), record)
-
     def read_plan(self, path: str | os.PathLike | None = None) -> Plan:
         target = Path(path) if path else self.require(PLAN)
         return read_record(target, Plan, _PRODUCER[PLAN])
 
-    def write_plan(self, plan: Plan, path: str | os.PathLike | None = None) -> None:
-        atomic_write_json(Path(path) if path else self.file(PLAN), plan)
+    def lock(self, stage: str):
+        """The run directory's writer lock (created with the folder if needed)."""
+        from quantcal.txn import RunLock
 
-    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], kind: str,
-                     metadata: dict[str, str] | None = None) -> None:
-        save_tensors(self.file(name), tensors, kind, metadata)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        return RunLock(self.path, stage)
 
     def load_tensors(self, name: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return load_tensors(self.require(name), kind, _PRODUCER.get(name))

@@ -72,4 +72,24 @@ def export_unquantized(model_dir, path, dtype=None):
     formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
     graph = BUILDERS[family_of(model).name](model, formats, {}, dtype or np.float32).model()
     save_model(graph, path)
+    _record_unverified(path, model_dir, dtype or np.float32)
     return model
+
+
+def _record_unverified(path, model_dir, dtype) -> None:
+    """An export record for a test model built without ``quantcal export``: consumers
+    (backends, bench, generate) refuse models without one. The tests that use these models
+    compare them with torch themselves; ``parity`` stays empty to say quantcal did not."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from quantcal.provenance import ExportRecord, onnx_digests, record_path
+    from quantcal.rundir import atomic_write_json
+
+    path = Path(path)
+    files = onnx_digests(path)
+    atomic_write_json(record_path(path), ExportRecord(
+        model=str(model_dir), provider="cpu", dtype=np.dtype(dtype).name, path=path.name,
+        file_bytes=sum((path.parent / n).stat().st_size for n in files), passed=True,
+        files=files))

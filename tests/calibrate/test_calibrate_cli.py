@@ -30,7 +30,7 @@ def test_calibrate_writes_the_run_directory(tiny_model_dir, tmp_path, c4_file):
     run = tmp_path / "run"
     res = _calibrate(tiny_model_dir, run, c4_file, "--formats", "int8,int4-g32,w8a8")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in run.iterdir()) == sorted(
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == sorted(
         [RUN_JSON, STATS, QPARAMS, "sensitivity.json", "sensitivity.png", "plan.json"])
     record = RunDir(run).read_run()
     assert isinstance(record, RunRecord)
@@ -106,14 +106,47 @@ def test_bad_input_is_one_clear_line(case, tmp_path, c4_file, tiny_llama_dir):
     assert not run.exists()
 
 
-def test_interrupt_leaves_nothing(tmp_path, c4_file, tiny_llama_dir, monkeypatch):
+def test_interrupt_keeps_finished_steps_and_resumes(tmp_path, c4_file, tiny_llama_dir,
+                                                    monkeypatch):
+    """Ctrl-C during qparams: nothing is committed (no run.json, stats or qparams in the run
+    directory), the statistics are checkpointed, and the same command resumes from them."""
+    import quantcal.calibrate.api as api
+
+    real_qparams, real_collect = api.compute_qparams, api.collect_full
+    calls = {"collect": 0}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def counted(*args, **kwargs):
+        calls["collect"] += 1
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(api, "compute_qparams", interrupted)
+    monkeypatch.setattr(api, "collect_full", counted)
+    run = tmp_path / "run"
+    res = _calibrate(tiny_llama_dir, run, c4_file)
+    assert res.exit_code == 130 and "interrupted" in res.output
+    assert "resume" in res.output and "stats" in res.output, res.output
+    assert not [p for p in run.iterdir() if not p.name.startswith(".")]
+    assert calls["collect"] == 1
+
+    monkeypatch.setattr(api, "compute_qparams", real_qparams)
+    res = _calibrate(tiny_llama_dir, run, c4_file)
+    assert res.exit_code == 0, res.output
+    assert calls["collect"] == 1  # the statistics came from the checkpoint
+    assert RunDir(run).has(RUN_JSON) and not (run / ".staging").exists()
+
+
+def test_interrupt_before_any_step_leaves_nothing(tmp_path, c4_file, tiny_llama_dir,
+                                                  monkeypatch):
     import quantcal.calibrate.api as api
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "compute_qparams", interrupted)
+    monkeypatch.setattr(api, "collect_full", interrupted)
     run = tmp_path / "run"
     res = _calibrate(tiny_llama_dir, run, c4_file)
     assert res.exit_code == 130 and "interrupted" in res.output
-    assert not run.exists() or not any(run.iterdir())
+    assert not run.exists()

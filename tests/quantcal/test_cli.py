@@ -61,7 +61,7 @@ def test_toml_defaults_and_flags_win(tmp_path, monkeypatch):
 
     (tmp_path / "quantcal.toml").write_text(
         'model = "from-top"\nrun = "r1"\n[calibrate]\nsamples = 7\nseq-len = 32\n')
-    params = {name: {p.name for p in cmd.params} for name, cmd in cli.commands.items()}
+    params = {name: cmd.params for name, cmd in cli.commands.items()}
     defaults = load_defaults(tmp_path / "quantcal.toml", params)
     assert defaults["calibrate"] == {"model": "from-top", "run": "r1", "samples": 7,
                                      "seq_len": 32}

@@ -14,7 +14,9 @@ from quantcal.config import (
 )
 from quantcal.errors import QuantcalError
 from quantcal.formats import FP16, Int4, Int8
-from quantcal.rundir import PLAN, QPARAMS, RUN_JSON, RunDir, atomic_path, atomic_write_json
+from quantcal.rundir import (
+    PLAN, QPARAMS, RUN_JSON, RunDir, atomic_path, atomic_write_json, save_tensors,
+)
 
 
 def _record() -> RunRecord:
@@ -81,12 +83,12 @@ def test_calibrate_config_validates(kwargs, word):
 
 def test_run_dir_round_trip(tmp_path):
     run = RunDir(tmp_path / "run")
-    run.write_run(_record())
-    run.write_plan(_plan())
+    atomic_write_json(run.file(RUN_JSON), _record())
+    atomic_write_json(run.file(PLAN), _plan())
     assert run.read_run() == _record()
     assert run.read_plan() == _plan()
     tensors = {"a.scale": torch.rand(4, 2), "a.zero": torch.zeros(4, 2)}
-    run.save_tensors(QPARAMS, tensors, kind="qparams", metadata={"observer": "mse"})
+    save_tensors(run.file(QPARAMS), tensors, kind="qparams", metadata={"observer": "mse"})
     back, meta = run.load_tensors(QPARAMS, kind="qparams")
     assert meta["observer"] == "mse" and meta["schema_version"] == str(SCHEMA_VERSION)
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
@@ -103,13 +105,13 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
     run = RunDir(tmp_path)
     with pytest.raises(QuantcalError, match="plan.json not found"):
         run.read_plan()
-    run.file(PLAN).write_text('{"schema_version": 1, "model": ')
+    run.file(PLAN).write_text('{"schema_version": 2, "model": ')
     with pytest.raises(QuantcalError, match="corrupted"):
         run.read_plan()
     run.file(QPARAMS).write_bytes(b"\x00garbage")
     with pytest.raises(QuantcalError, match="corrupted"):
         run.load_tensors(QPARAMS, kind="qparams")
-    run.save_tensors(QPARAMS, {"x": torch.zeros(1)}, kind="stats")
+    save_tensors(run.file(QPARAMS), {"x": torch.zeros(1)}, kind="stats")
     with pytest.raises(QuantcalError, match="expected kind='qparams'"):
         run.load_tensors(QPARAMS, kind="qparams")
 

@@ -1,0 +1,5 @@
+"""``python -m quantcal``: the command line."""
+
+from quantcal.cli import main
+
+main()
