@@ -220,13 +220,22 @@ def test_a_second_calibrate_is_refused(case, shared_data):
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
-@pytest.mark.parametrize("stage", ["export", "plan", "report", "export-elsewhere"])
-def test_os_faults_are_one_line_and_keep_the_files(case, monkeypatch, stage, code):
+@pytest.mark.parametrize("stage", ["calibrate", "export", "plan", "eval", "report",
+                                   "export-elsewhere"])
+def test_os_faults_are_one_line_and_keep_the_files(case, monkeypatch, stage, code,
+                                                    shared_data):
     run = RunDir(case / "run")
-    args = {"export": ["export", "--provider", "cpu"],
+    cfg = run.read_run().config
+    args = {"calibrate": ["calibrate", "--model", cfg.model, "--data", cfg.data, "--samples",
+                          "4", "--seq-len", "32", "--batch-size", "2", "--sensitivity-samples",
+                          "2", "--formats", "int8,int4-g32", "--target-bits", "8", "--seed",
+                          "3", "--overwrite", "--device", "cpu"],
+            "export": ["export", "--provider", "cpu"],
             "export-elsewhere": ["export", "--provider", "cpu", "-o",
                                  str(case / "out" / "m.onnx")],
             "plan": ["plan", "--target-bits", "6", "--no-measure"],
+            "eval": ["eval", "--tasks", "wikitext2", "--limit", "1", "--seq-len", "32",
+                     "--provider", "cpu", "--data-dir", str(shared_data)],
             "report": ["report"]}[stage]
     before = _digests(run.path)
     real = os.replace
