@@ -22,7 +22,9 @@ from dataclasses import replace
 import torch
 
 from quantcal import __version__
-from quantcal.calibrate.analysis import SENSITIVITY_PNG, measured, score, write_plan, write_sensitivity
+from quantcal.calibrate.analysis import (
+    SENSITIVITY_PNG, measured, score, write_plan, write_sensitivity,
+)
 from quantcal.calibrate.collect import collect_full, collect_sequential
 from quantcal.calibrate.planner import Rules
 from quantcal.calibrate.plans import check_budget, make_plan

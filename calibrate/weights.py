@@ -55,7 +55,9 @@ def aware_clip(w: torch.Tensor, h_diag: torch.Tensor, bits: int, group_size: int
         wg = qmath.group_view(rows, g)  # (n, G, g)
         lo, hi = wg.amin(-1), wg.amax(-1)  # (n, G)
         best_err = torch.full_like(lo, float("inf"))
-        best_s, best_z = torch.empty_like(lo), torch.empty_like(lo)
+        # the unclipped range (r = 1) stands when no candidate's error is finite (an inf or
+        # NaN statistic), so the result is always plain min/max, never uninitialised memory
+        best_s, best_z = qmath.range_qparams(lo, hi, bits, symmetric)  # (n, G) each
         for r in grid.tolist():
             s, z = qmath.range_qparams(lo * r, hi * r, bits, symmetric)  # (n, G)
             wq = qmath.fake_quant(wg, s.unsqueeze(-1), z.unsqueeze(-1), bits)

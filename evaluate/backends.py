@@ -176,7 +176,9 @@ class TorchBackend(_LmEvalBackend):
         backend's lifetime (until :meth:`close`)."""
         from quantcal.models import load_model
 
-        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
+        # scoring needs any causal LM, not one quantcal can export; a plan needs its family
+        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device,
+                                      check_family=plan_run is not None)
         kwargs.setdefault("eos_token_ids", eos_ids(tokenizer, name_or_path))
         kwargs.setdefault("name", "torch-fakequant" if plan_run else "torch")
         backend = cls(model, tokenizer, device, **kwargs)

@@ -25,12 +25,10 @@ import torch
 
 from quantcal.errors import QuantcalError, StageInterrupted
 from quantcal.export.builder import save_model
-from quantcal.export.decoder import build_llama
-from quantcal.export.decoder_gpt2 import build_gpt2
 from quantcal.export.emit import graph_op_counts
-from quantcal.export.parity import check_parity
-from quantcal.fakequant import fake_quant_modules, swapped
-from quantcal.models import family_of, load_model
+from quantcal.export.graphs import build_decoder
+from quantcal.export.parity import check_parity, failure_detail
+from quantcal.models import load_model
 from quantcal.plancheck import resolved_formats
 from quantcal.provenance import (
     ExportRecord, check_digest, check_model_unchanged, onnx_digests, record_path, sha256_file,
@@ -38,7 +36,6 @@ from quantcal.provenance import (
 from quantcal.rundir import MODEL, PLAN, QPARAMS, RUN_JSON, RunDir, atomic_write_json
 from quantcal.txn import Stage
 
-BUILDERS = {"llama": build_llama, "gpt2": build_gpt2}  # keyed by models.Family.name
 DTYPES = {"cuda": np.float16, "cpu": np.float32}
 
 
@@ -90,7 +87,7 @@ def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "
                 if not out.passed:
                     failed = folder / (".failed-export" if own else f".failed-{path.stem}")
                     stage.set_aside(failed)
-                    raise QuantcalError(_failure(out, path, failed))
+                    raise QuantcalError(_failure(out, path, failed, plan))
                 stage.commit([path.name, path.name + ".data", record_path(path).name],
                              remove=[path.name + ".data"])
             finally:
@@ -110,18 +107,15 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
     model, _ = load_model(record.config.model, revision=record.config.revision,
                           trust_remote_code=record.config.trust_remote_code,
                           dtype=torch.float32, device="cpu")
-    builder = BUILDERS.get(family_of(model).name)
-    if builder is None:
-        raise QuantcalError(f"no ONNX exporter for the {family_of(model).name} family yet")
     dtype = DTYPES[provider]
-    graph = builder(model, formats, qparams, dtype).model()
+    graph = build_decoder(model, formats, qparams, dtype).model()
     staged = stage.file(final.name)
     save_model(graph, staged)
     timings = {"build_s": time.perf_counter() - t0}
     onnx.checker.check_model(str(staged), full_check=False)
     t = time.perf_counter()
-    with swapped(model, fake_quant_modules(model, formats, qparams)):
-        parity = check_parity(staged, model, provider=verify_provider or provider, dtype=dtype)
+    parity = check_parity(staged, model, formats, qparams,
+                          provider=verify_provider or provider, dtype=dtype)
     timings["verify_s"] = time.perf_counter() - t
     files = onnx_digests(staged)
     out = ExportRecord(
@@ -133,13 +127,15 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
     return out
 
 
-def _failure(out: ExportRecord, path: Path, failed: Path) -> str:
+def _failure(out: ExportRecord, path: Path, failed: Path, plan) -> str:
     p = out.parity
+    formats = {name: entry.format.name for name, entry in plan.layers.items()}
 
     def fmt(v):
         return "non-finite" if v is None else f"{v:.3g}"
     return (f"the exported model does not match torch (logits max abs error "
             f"{fmt(p.get('logits_max_abs'))}, decode step {fmt(p.get('decode_step_max_abs'))}, "
             f"tolerance {fmt(p.get('tolerance'))}; greedy decoding with the cache "
-            f"{'matches' if p.get('greedy_match') else 'differs from'} recomputation); "
-            f"{path} was not replaced; the failed model and its record are in {failed}")
+            f"{'matches' if p.get('greedy_match') else 'differs from'} recomputation)"
+            f"{failure_detail(p, formats)}; {path} was not replaced; the failed model and its "
+            f"record are in {failed}")

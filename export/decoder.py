@@ -1,14 +1,18 @@
-"""The decoder graph of the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) in ONNX.
+"""The rotary decoder graph in ONNX: every family whose description (:mod:`quantcal.families`)
+says ``Graph.ROTARY`` (Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5/3, Phi-3/3.5/4, Gemma 2/3).
 
 One graph serves prefill and decode: ``input_ids`` (B, S), ``attention_mask`` (B, P+S),
 ``position_ids`` (B, S), ``past_key_values.{i}.key|value`` (B, kv_heads, P, head_dim) in;
 ``logits`` (B, S, V) and ``present.{i}.key|value`` out. It uses onnxruntime's contrib ops
 where they make the CUDA provider fast: ``GroupQueryAttention`` (rotary inside, KV cache
 appended in place), ``SkipSimplifiedLayerNormalization`` (residual add fused into RMSNorm).
-Each linear layer and the token embedding are emitted as the plan says (``export.emit``);
-node names follow module names. A head tied to the embedding is stored once with it when
-``shares_tied_weight`` allows (both fp16: Transpose + MatMul of the table; the same block
-format: GatherBlockQuantized reads the head's MatMulNBits initializers); otherwise each has
+The block's parts (norms and where they sit, attention extras, activation, fused
+projections) come from :mod:`quantcal.export.layers`, the rotary caches from
+:mod:`quantcal.export.rope`. Each linear layer and the token embedding are emitted as the
+plan says (``export.emit``); node names follow module names. A head tied to the
+embedding is stored once with it when ``shares_tied_weight`` allows (both fp16: Transpose +
+MatMul of the table; the same block format: GatherBlockQuantized reads the head's
+MatMulNBits initializers); otherwise each has
 its own weight.
 """
 
@@ -22,31 +26,21 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
+from quantcal.export.builder import GraphBuilder, node_prefix
 from quantcal.export.emit import (
     block_initializers, emit_embedding, emit_linear, gather_shared, matmulnbits, pack_block,
 )
 from quantcal.fakequant import act_qparams, embedding_qparams, layer_qparams
+from quantcal.export.layers import attention, mlp, rms_norm, skip_norm
+from quantcal.export.rope import MAX_CACHE_POSITIONS, rotary_caches
 from quantcal.formats import FP16, Format, shares_tied_weight
 from quantcal.models import family_of, weight_matrix
 from quantcal.packing import MatMulNBitsWeight
 
-MAX_CACHE_POSITIONS = 131072  # rotary cos/sin rows; bounds the context the graph accepts
-
+__all__ = ["MAX_CACHE_POSITIONS", "build_llama", "graph_outputs"]
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:
     return t.detach().float().cpu().numpy().astype(dtype)
-
-
-def _rotary_cache(model: nn.Module, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, head_dim/2) cos and sin from the model's own rotary embedding (so rope
-    scaling variants such as Llama 3's come for free)."""
-    rotary = model.model.rotary_emb
-    pos = torch.arange(positions).unsqueeze(0)
-    dummy = torch.zeros(1, dtype=torch.float32)
-    cos, sin = rotary(dummy, pos)  # (1, P, head_dim), halves duplicated
-    half = cos.shape[-1] // 2
-    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
 @dataclass(frozen=True)
@@ -64,6 +58,11 @@ class _Ctx:
     def __init__(self, b: GraphBuilder, model: nn.Module, formats: Mapping[str, Format],
                  qparams: Mapping[str, torch.Tensor]):
         self.b, self.model, self.formats, self.qparams = b, model, formats, qparams
+        self.family = family_of(model)
+        cfg = model.config
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.shared: _Shared | None = None  # what a tied head reuses of the embedding
 
     def embed(self, name: str, ids: str) -> str:
@@ -75,7 +74,7 @@ class _Ctx:
             self.model, name, self.formats, self.qparams)
         head = self.model.get_output_embeddings()
         stored_once = (head is not None and head.weight is module.weight and head.bias is None
-                       and shares_tied_weight(fmt, self.formats.get(family_of(self.model).lm_head),
+                       and shares_tied_weight(fmt, self.formats.get(self.family.lm_head),
                                               module.embedding_dim))
         if stored_once and isinstance(fmt, FP16):
             return self._tied_fp16_rows(name, ids, module.weight)
@@ -141,85 +140,62 @@ def _sequence_lengths(b: GraphBuilder) -> tuple[str, str]:
     return seqlens, total
 
 
-def _attention(ctx: _Ctx, i: int, x: str, seqlens: str, total: str, cos: str, sin: str) -> str:
-    cfg = ctx.model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    prefix = f"model.layers.{i}.self_attn"
-    q, k, v = (ctx.linear(f"{prefix}.{p}", x) for p in ("q_proj", "k_proj", "v_proj"))
-    out, _, _ = ctx.b.node(
-        "GroupQueryAttention",
-        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
-         cos, sin],
-        [f"{node_prefix(prefix)}/GroupQueryAttention/output", f"present.{i}.key",
-         f"present.{i}.value"],
-        name=f"{node_prefix(prefix)}/GroupQueryAttention", domain=MS_DOMAIN,
-        num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
-    return ctx.linear(f"{prefix}.o_proj", out)
+def _embed(ctx: _Ctx) -> str:
+    """Token rows (B, S, H), times the embedding's own ``embed_scale`` where the family
+    scales them (Gemma: sqrt(hidden) in the model dtype, as HF multiplies)."""
+    name = ctx.family.embedding
+    hidden = ctx.embed(name, "input_ids")
+    if not ctx.family.scaled_embedding:
+        return hidden
+    module = ctx.model.get_submodule(name)
+    scale = module.embed_scale.to(module.weight.dtype).float().item()
+    const = ctx.b.initializer(f"{name}.embed_scale", np.array(scale, ctx.b.dtype))
+    return ctx.b.node("Mul", [hidden, const], name=f"{node_prefix(name)}/Mul")[0]
 
 
-def _mlp(ctx: _Ctx, i: int, x: str) -> str:
-    prefix = f"model.layers.{i}.mlp"
-    gate, up = ctx.linear(f"{prefix}.gate_proj", x), ctx.linear(f"{prefix}.up_proj", x)
-    p = node_prefix(prefix)
-    (sig,) = ctx.b.node("Sigmoid", [gate], name=f"{p}/act_fn/Sigmoid")
-    (silu,) = ctx.b.node("Mul", [gate, sig], name=f"{p}/act_fn/Mul")
-    (prod,) = ctx.b.node("Mul", [silu, up], name=f"{p}/Mul")
-    return ctx.linear(f"{prefix}.down_proj", prod)
+def _final_softcap(ctx: _Ctx, logits: str) -> str:
+    """Gemma's final logit soft-capping: cap * tanh(logits / cap)."""
+    cap = getattr(ctx.model.config, "final_logit_softcapping", None)
+    if not (ctx.family.softcaps and cap):
+        return logits
+    c = ctx.b.initializer("lm_head.softcap", np.array(cap, ctx.b.dtype))
+    (scaled,) = ctx.b.node("Div", [logits, c], name="/lm_head/softcap/Div")
+    (tanh,) = ctx.b.node("Tanh", [scaled], name="/lm_head/softcap/Tanh")
+    return ctx.b.node("Mul", [tanh, c], name="/lm_head/softcap/Mul")[0]
 
 
-def _rms_norm(ctx: _Ctx, name: str, x: str, gamma: torch.Tensor, eps: float) -> str:
-    """RMSNorm(x) as SkipSimplifiedLayerNormalization with a zero skip (x * 0, on the
-    device), the kernel every other norm uses. The standard-op pattern is what onnxruntime
-    would fuse instead, and on CUDA in fp16 its fused SimplifiedLayerNormalization put the
-    logits of a Llama-3.2-1B 13x further from fp32 than torch's own fp16 (measured)."""
-    zero_scalar = ctx.b.initializer(f"{name}.zero", np.array(0, ctx.b.dtype))
-    (zero,) = ctx.b.node("Mul", [x, zero_scalar], name=f"{node_prefix(name)}/zero_skip")
-    normed, _ = _skip_norm(ctx, name, x, zero, gamma, eps)
-    return normed
-
-
-def _skip_norm(ctx: _Ctx, name: str, x: str, residual: str, gamma: torch.Tensor, eps: float
-               ) -> tuple[str, str]:
-    """RMSNorm(x + residual) and the sum (the new residual)."""
-    p = node_prefix(name)
-    normed, _, _, summed = ctx.b.node(
-        "SkipSimplifiedLayerNormalization", [x, residual, ctx.weight(f"{name}.weight", gamma)],
-        4, name=f"{p}/SkipLayerNorm", domain=MS_DOMAIN, epsilon=eps)
-    return normed, summed
+def _block(ctx: _Ctx, i: int, x: str, residual: str, seqlens: str, total: str,
+           rope: tuple[str, str]) -> tuple[str, str]:
+    """Layer ``i`` from its normed input ``x``; returns the next layer's normed input (the
+    final norm's after the last layer) and the residual stream."""
+    fam, norms, layers = ctx.family, ctx.family.norms, ctx.model.config.num_hidden_layers
+    attn = attention(ctx, i, x, seqlens, total, rope)
+    if norms.attn_out is not None:
+        attn = rms_norm(ctx, fam.norm(i, norms.attn_out), attn)
+    x, residual = skip_norm(ctx, fam.norm(i, norms.mlp_in), attn, residual)
+    out = mlp(ctx, i, x)
+    if norms.mlp_out is not None:
+        out = rms_norm(ctx, fam.norm(i, norms.mlp_out), out)
+    nxt = fam.norm(i + 1, norms.attn_in) if i + 1 < layers else fam.final_norm
+    return skip_norm(ctx, nxt, out, residual)
 
 
 def build_llama(model: nn.Module, formats: Mapping[str, Format],
                 qparams: Mapping[str, torch.Tensor], dtype) -> GraphBuilder:
-    """The whole decoder as a GraphBuilder (``dtype``: activation dtype)."""
+    """The whole rotary decoder as a GraphBuilder (``dtype``: activation dtype)."""
     cfg = model.config
     b = GraphBuilder(dtype)
     ctx = _Ctx(b, model, formats, qparams)
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    eps = float(cfg.rms_norm_eps)
-    _graph_inputs(b, cfg.num_hidden_layers, kv_heads, head_dim)
+    fam = ctx.family
+    _graph_inputs(b, cfg.num_hidden_layers, ctx.kv_heads, ctx.head_dim)
     seqlens, total = _sequence_lengths(b)
-    cos_np, sin_np = _rotary_cache(model, min(cfg.max_position_embeddings, MAX_CACHE_POSITIONS))
-    cos = b.initializer("cos_cache", cos_np.astype(b.dtype))
-    sin = b.initializer("sin_cache", sin_np.astype(b.dtype))
-    hidden = ctx.embed("model.embed_tokens", "input_ids")
-    layers = model.model.layers
-    x = _rms_norm(ctx, "model.layers.0.input_layernorm", hidden,
-                  layers[0].input_layernorm.weight, eps)
-    residual = hidden
+    ropes = rotary_caches(b, model, fam, total)
+    residual = _embed(ctx)
+    x = rms_norm(ctx, fam.norm(0, fam.norms.attn_in), residual)
     for i in range(cfg.num_hidden_layers):
-        attn = _attention(ctx, i, x, seqlens, total, cos, sin)
-        x, residual = _skip_norm(ctx, f"model.layers.{i}.post_attention_layernorm", attn,
-                                 residual, layers[i].post_attention_layernorm.weight, eps)
-        mlp = _mlp(ctx, i, x)
-        if i + 1 < cfg.num_hidden_layers:
-            x, residual = _skip_norm(ctx, f"model.layers.{i + 1}.input_layernorm", mlp,
-                                     residual, layers[i + 1].input_layernorm.weight, eps)
-        else:
-            x, _ = _skip_norm(ctx, "model.norm", mlp, residual, model.model.norm.weight, eps)
-    graph_outputs(b, ctx.linear("lm_head", x), cfg.num_hidden_layers, kv_heads, head_dim,
+        x, residual = _block(ctx, i, x, residual, seqlens, total, ropes[i])
+    logits = _final_softcap(ctx, ctx.linear(fam.lm_head, x))
+    graph_outputs(b, logits, cfg.num_hidden_layers, ctx.kv_heads, ctx.head_dim,
                   cfg.vocab_size)
     return b
 

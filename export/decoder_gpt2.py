@@ -2,8 +2,9 @@
 
 Learned positions (``wpe`` gathered at ``position_ids``), a fused QKV projection split in
 three, ``GroupQueryAttention`` without rotary (as many KV heads as heads),
-``SkipLayerNormalization`` for the residual adds and ``FastGelu`` (tanh approximation, as
-GPT-2's ``gelu_new``). Linear layers (``Conv1D``) are emitted as the plan says.
+``SkipLayerNormalization`` for the residual adds and the config's activation (``FastGelu``
+for GPT-2's ``gelu_new``). Module paths come from the family description
+(:mod:`quantcal.families`). Linear layers (``Conv1D``) are emitted as the plan says.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
 from quantcal.export.decoder import _Ctx, _graph_inputs, _sequence_lengths, graph_outputs
+from quantcal.export.layers import activation
 from quantcal.formats import Format
 
 
@@ -28,10 +30,9 @@ def _skip_ln(ctx: _Ctx, name: str, x: str, residual: str, ln: nn.LayerNorm
 
 
 def _attention(ctx: _Ctx, i: int, x: str, seqlens: str, total: str) -> str:
-    cfg = ctx.model.config
-    prefix = f"transformer.h.{i}.attn"
-    p = node_prefix(prefix)
-    qkv = ctx.linear(f"{prefix}.c_attn", x)
+    cfg, fam = ctx.model.config, ctx.family
+    p = node_prefix(f"{fam.block(i)}.{fam.attention.path}")
+    qkv = ctx.linear(fam.attn(i, fam.attention.qkv), x)
     sizes = ctx.b.const(f"{p}/split_sizes", [cfg.n_embd] * 3)
     q, k, v = ctx.b.node("Split", [qkv, sizes], 3, name=f"{p}/Split", axis=-1)
     out, _, _ = ctx.b.node(
@@ -40,15 +41,14 @@ def _attention(ctx: _Ctx, i: int, x: str, seqlens: str, total: str) -> str:
         [f"{p}/GroupQueryAttention/output", f"present.{i}.key", f"present.{i}.value"],
         name=f"{p}/GroupQueryAttention", domain=MS_DOMAIN, num_heads=cfg.n_head,
         kv_num_heads=cfg.n_head)
-    return ctx.linear(f"{prefix}.c_proj", out)
+    return ctx.linear(fam.attn(i, fam.attention.o), out)
 
 
 def _mlp(ctx: _Ctx, i: int, x: str) -> str:
-    prefix = f"transformer.h.{i}.mlp"
-    h = ctx.linear(f"{prefix}.c_fc", x)
-    (g,) = ctx.b.node("FastGelu", [h], name=f"{node_prefix(prefix)}/act/FastGelu",
-                      domain=MS_DOMAIN)
-    return ctx.linear(f"{prefix}.c_proj", g)
+    fam = ctx.family
+    h = ctx.linear(fam.mlp_part(i, fam.mlp.up), x)
+    g = activation(ctx, node_prefix(f"{fam.block(i)}.{fam.mlp.path}"), h)
+    return ctx.linear(fam.mlp_part(i, fam.mlp.down), g)
 
 
 def build_gpt2(model: nn.Module, formats: Mapping[str, Format],

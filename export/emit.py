@@ -170,8 +170,21 @@ def emit_linear(b: GraphBuilder, layer: str, x: str, weight: torch.Tensor,
 def _gather_block_quantized(b: GraphBuilder, layer: str, ids: str, weight: list[str],
                             fmt: BlockQuant, k: int, width: int) -> str:
     """GatherBlockQuantized of ``weight`` (data ``(V, G * blob)``, scales[, zero points]) at
-    ``ids``, sliced from ``width`` (whole blocks) to ``k`` columns."""
+    ``ids``, sliced from ``width`` (whole blocks) to ``k`` columns.
+
+    A symmetric table gets its zero points anyway: onnxruntime's kernels have disagreed on
+    the default (CPU ``2**(bits-1)``, CUDA 0 in some releases). ConstantOfShape makes them
+    (folded to a constant at session start; nothing stored, so sizes stay as counted); every
+    packed nibble is the midpoint, so per-row (CPU) and across-row (CUDA) indexing agree."""
     p = node_prefix(layer)
+    if len(weight) == 2:
+        rows, blocks = next(t.dims for t in b.initializers if t.name == weight[1])  # scales
+        shape = b.const(f"{layer}.zero_points_shape", [rows, -(-blocks * fmt.bits // 8)])
+        mid = 1 << (fmt.bits - 1)
+        value = onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1],
+                                        [mid * 0x11 if fmt.bits == 4 else mid])
+        weight = [*weight, b.node("ConstantOfShape", [shape], name=f"{p}/ConstantOfShape",
+                                  value=value)[0]]
     (y,) = b.node("GatherBlockQuantized", [weight[0], ids, *weight[1:]],
                   name=f"{p}/GatherBlockQuantized", domain=MS_DOMAIN, bits=fmt.bits,
                   block_size=fmt.group_size, gather_axis=0, quantize_axis=1)  # (..., width)

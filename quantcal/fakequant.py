@@ -76,14 +76,20 @@ class FakeQuantLinear(nn.Module):
 
 
 class FakeQuantEmbedding(nn.Module):
-    """``w_hat[ids]``; stands in for an ``nn.Embedding`` with a ``(V, H)`` table."""
+    """``w_hat[ids]``, times the original's ``embed_scale`` where it has one (Gemma's
+    sqrt(hidden), applied in the table's dtype as HF does); stands in for an ``nn.Embedding``
+    with a ``(V, H)`` table."""
 
-    def __init__(self, w_hat: torch.Tensor):
+    def __init__(self, w_hat: torch.Tensor, embed_scale: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("weight", w_hat)  # (V, H)
+        self.embed_scale = embed_scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight)  # (..., H)
+        rows = nn.functional.embedding(ids, self.weight)  # (..., H)
+        if self.embed_scale is None:
+            return rows
+        return rows * self.embed_scale.to(self.weight.dtype)
 
 
 def fake_quant_module(module: nn.Module, fmt: Format, qp: Mapping[str, torch.Tensor],
@@ -97,7 +103,10 @@ def fake_quant_module(module: nn.Module, fmt: Format, qp: Mapping[str, torch.Ten
             raise QuantcalError(f"an embedding takes a weight-only format (int8, int4-gN), "
                                 f"not {fmt.name}")
         table = module.weight.detach()
-        return FakeQuantEmbedding(quantized_weight(fmt, table, qp).to(table.dtype))
+        scale = getattr(module, "embed_scale", None)
+        if scale is not None and not torch.is_tensor(scale):
+            scale = torch.tensor(scale)
+        return FakeQuantEmbedding(quantized_weight(fmt, table, qp).to(table.dtype), scale)
     w = weight_matrix(module).detach()
     w_hat = quantized_weight(fmt, w, qp).to(w.dtype)
     act = None

@@ -1,8 +1,8 @@
-"""Model loading and the model-family table.
+"""Model loading and the quantizable layers of a model of a known family.
 
-A family is a row of data saying where a decoder-only LM keeps its blocks, embeddings,
-final norm and head; no subclass per family and no chain of class-name checks. This module
-also finds every quantizable module by name (``nn.Linear`` and GPT-2's ``Conv1D``, whose
+Each family is one description in :mod:`quantcal.families` (where a decoder-only LM keeps
+its blocks, embeddings, final norm and head, and how the exporter builds it). This module
+finds every quantizable module by name (``nn.Linear`` and GPT-2's ``Conv1D``, whose
 weight is stored transposed) and resolves devices and dtypes explicitly.
 
 :func:`load_model` reads a model folder or hub id without surprises: it never prompts, runs
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -23,38 +22,14 @@ from torch import nn
 
 from quantcal.config import LayerInfo
 from quantcal.errors import QuantcalError
+from quantcal.families import FAMILIES, SUPPORTED, Family, check_config, family_for
 
-
-@dataclass(frozen=True)
-class Family:
-    """Where the parts of one model family live (dotted module paths). ``embedding`` is the
-    token embedding (GPT-2's learned positions, ``wpe``, are not quantizable)."""
-
-    name: str
-    model_types: tuple[str, ...]
-    blocks: str
-    embedding: str
-    final_norm: str
-    lm_head: str = "lm_head"
-
-
-FAMILIES = (
-    Family("llama", ("llama", "mistral", "qwen2"), "model.layers", "model.embed_tokens",
-           "model.norm"),
-    Family("gpt2", ("gpt2",), "transformer.h", "transformer.wte", "transformer.ln_f"),
-)
-SUPPORTED = tuple(t for f in FAMILIES for t in f.model_types)
+__all__ = ["FAMILIES", "SUPPORTED", "Family", "family_of", "load_model", "quantizable_layers"]
 
 
 def family_of(model: nn.Module) -> Family:
-    """The family row of a loaded HF causal LM, or a QuantcalError naming what works."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for fam in FAMILIES:
-        if model_type in fam.model_types:
-            return fam
-    raise QuantcalError(
-        f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
-    )
+    """The family of a loaded HF causal LM, or a QuantcalError naming what works."""
+    return family_for(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def conv1d_type() -> type | None:
@@ -91,7 +66,9 @@ def quantizable_layers(model: nn.Module) -> dict[str, LayerInfo]:
     family = family_of(model)
     prefix = family.blocks + "."
     emb = model.get_submodule(family.embedding)
-    layers = {family.embedding: LayerInfo("embedding", emb.embedding_dim, emb.num_embeddings)}
+    layers = {}
+    if family.quantize_embedding:
+        layers[family.embedding] = LayerInfo("embedding", emb.embedding_dim, emb.num_embeddings)
     for name, module in model.named_modules():
         if not is_quantizable(module):
             continue
@@ -131,9 +108,13 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_model(name: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", trust_remote_code: bool = False
-               ) -> tuple[nn.Module, object]:
+               device: torch.device | str = "cpu", trust_remote_code: bool = False,
+               check_family: bool = True) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer from a local folder or the hub, in eval mode.
+
+    With ``check_family`` (calibrate, export) the config must describe a model quantcal
+    exports exactly (:func:`quantcal.families.check_config`), refused before any weight is
+    read; without it (the torch evaluation backend) any ``AutoModelForCausalLM`` loads.
 
     Never prompts and never unpickles: code shipped with the model (``auto_map``) runs only
     with ``trust_remote_code``, weights load from safetensors only, and a weight or buffer
@@ -143,11 +124,13 @@ def load_model(name: str, *, revision: str | None = None, dtype: torch.dtype = t
         ``(model, tokenizer)``; the model is on ``device`` in ``dtype``.
     """
     source = _model_source(name)
-    check_model_config(_config_dict(source, name, revision), name, trust_remote_code)
+    check_model_config(_config_dict(source, name, revision), name, trust_remote_code,
+                       check_family)
     if Path(source).is_dir():
         _check_folder(Path(source), name, trust_remote_code)
     model, tokenizer = _from_pretrained(source, name, revision, dtype, trust_remote_code)
-    family_of(model)
+    if check_family:
+        check_config(model.config)  # a folder's own config class (auto_map) decides now
     model = model.to(device).eval()
     check_finite_weights(model, name)
     return model, tokenizer
@@ -181,9 +164,11 @@ def _custom_code_error(name: str, where: str) -> QuantcalError:
         "quantcal runs it only with --trust-remote-code (pass it only if you trust its source)")
 
 
-def check_model_config(config: dict, name: str, trust_remote_code: bool = False) -> None:
+def check_model_config(config: dict, name: str, trust_remote_code: bool = False,
+                       check_family: bool = True) -> None:
     """Refuse, before any weight is read, a config that needs code from the model folder
-    (unless ``trust_remote_code``) or names a model type quantcal cannot calibrate."""
+    (unless ``trust_remote_code``), names a model type transformers does not know, or (with
+    ``check_family``) one the exporter cannot represent exactly."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -197,9 +182,21 @@ def check_model_config(config: dict, name: str, trust_remote_code: bool = False)
             f"model type {model_type!r} of {name!r} is not known to transformers "
             f"{transformers.__version__} and config.json names no custom code (auto_map); "
             f"quantcal supports {', '.join(SUPPORTED)}")
-    if model_type not in SUPPORTED:
-        raise QuantcalError(
-            f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    if check_family:
+        family_for(model_type)  # an unsupported type is refused before its config is parsed
+        check_config(_config_object(config, name))
+
+
+def _config_object(config: dict, name: str):
+    """The transformers config class's view of ``config`` (rope parameters standardized)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(config["model_type"], **fields)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise QuantcalError(f"config.json of {name!r} is not valid for its model type "
+                            f"({str(exc).splitlines()[0][:160]})") from None
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -162,7 +162,9 @@ def check_consistent(run) -> None:
     """Refuse a run directory whose files do not belong together: run.json, qparams,
     sensitivity, plan, the export and its record (what ``quantcal report`` summarises)."""
     from quantcal.config import Plan, SensitivityRecord
-    from quantcal.rundir import EXPORT_JSON, MODEL, PLAN, QPARAMS, RUN_JSON, SENSITIVITY, read_record
+    from quantcal.rundir import (
+        EXPORT_JSON, MODEL, PLAN, QPARAMS, RUN_JSON, SENSITIVITY, read_record,
+    )
 
     record = run.read_run()
     qdigest = record.files.get(QPARAMS)

@@ -173,7 +173,8 @@ class DecoderRunner:
                 ) -> np.ndarray | ort.OrtValue:
         """Start new sequences: run ``input_ids`` (B, S) with an empty cache.
 
-        ``attention_mask`` (B, S) defaults to all ones. Returns logits (B, S, V) on host, or
+        ``attention_mask`` (B, S) defaults to all ones; rows may be right-padded, never
+        left-padded (refused). Returns logits (B, S, V) on host, or
         left on the device as an OrtValue with ``host_logits=False``. ``cache_length``:
         allocate the cache once for this many positions (prompt plus every token to come),
         updated in place by each step; without it each step returns a cache one longer.
@@ -183,6 +184,10 @@ class DecoderRunner:
                                                                        "attention_mask")
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask {mask.shape} must match input_ids {ids.shape}")
+        if (np.diff(mask, axis=1) > 0).any():
+            raise ValueError("attention_mask must be right-padded (each row's ones first, "
+                             "then zeros): the exported graph takes each row's positions from "
+                             "its count of ones, so a left-padded row would get wrong logits")
         if cache_length is not None and not self.shares_cache:
             raise ValueError("this model's cache cannot be updated in place (re-export it "
                              "with this version of quantcal); prefill without cache_length")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "gpt2")
+FAMILIES = ("llama", "qwen2", "gpt2")  # the families every parametrized test runs on
+# every family quantcal exports, each with its distinctive features switched on; the long
+# prompts of tests/export/test_families.py cross their windows and original rope lengths
+ALL_FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3",
+                "gpt2")
+WINDOW = 16  # sliding window of the tiny Mistral, Gemma 2/3 (and Phi-3's is 2 * WINDOW)
+ORIGINAL_POSITIONS = 32  # original_max_position_embeddings of llama3 and phi3 rope scaling
 
 
 def build_tiny_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -27,9 +33,56 @@ def build_tiny_tokenizer(texts: list[str], vocab_size: int = 512):
     )
 
 
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+_IDS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+
+
+def _new_configs(family: str, vocab_size: int):
+    """Configs of the families added with the family registry (None for the others)."""
+    from transformers import (
+        Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen3Config,
+    )
+
+    base = dict(vocab_size=vocab_size, **_SMALL, **_IDS)
+    if family == "llama3":
+        return LlamaConfig(**base, tie_word_embeddings=True, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=ORIGINAL_POSITIONS))
+    if family == "qwen3":  # head_dim 32 != hidden / heads
+        return Qwen3Config(**base, head_dim=32, tie_word_embeddings=False)
+    if family == "mistral":
+        return MistralConfig(**base, sliding_window=WINDOW, tie_word_embeddings=False)
+    gemma = dict(base, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                 hidden_activation="gelu_pytorch_tanh")
+    if family == "gemma2":
+        return Gemma2Config(**gemma, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    if family == "gemma3":  # layer 0 local (rope base 10k), layer 1 global (1M, linear x2)
+        return Gemma3TextConfig(**gemma, layer_types=["sliding_attention", "full_attention"],
+                                rope_parameters={
+                                    "sliding_attention": dict(rope_type="default",
+                                                              rope_theta=10000.0),
+                                    "full_attention": dict(rope_type="linear", factor=2.0,
+                                                           rope_theta=1000000.0)})
+    if family == "phi3":
+        half = 64 // 4 // 2
+        return Phi3Config(**base, sliding_window=2 * WINDOW, tie_word_embeddings=False,
+                          original_max_position_embeddings=ORIGINAL_POSITIONS,
+                          rope_parameters=dict(
+                              rope_type="longrope", rope_theta=10000.0,
+                              original_max_position_embeddings=ORIGINAL_POSITIONS,
+                              short_factor=[1.0 + 0.1 * i for i in range(half)],
+                              long_factor=[1.0 + 0.5 * i for i in range(half)]))
+    return None
+
+
 def tiny_config(family: str, vocab_size: int = 512):
     """A config of ``family`` small enough for CPU tests, with GQA where the family has it."""
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    new = _new_configs(family, vocab_size)
+    if new is not None:
+        return new
 
     if family == "llama":
         return LlamaConfig(
@@ -63,14 +116,14 @@ def export_unquantized(model_dir, path, dtype=None):
     activations in ``dtype`` (default float32); returns the loaded model."""
     import numpy as np
 
-    from quantcal.export.api import BUILDERS
     from quantcal.export.builder import save_model
+    from quantcal.export.graphs import build_decoder
     from quantcal.formats import FP16
-    from quantcal.models import family_of, load_model, quantizable_layers
+    from quantcal.models import load_model, quantizable_layers
 
     model, _ = load_model(str(model_dir))
     formats = {n: FP16() for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
-    graph = BUILDERS[family_of(model).name](model, formats, {}, dtype or np.float32).model()
+    graph = build_decoder(model, formats, {}, dtype or np.float32).model()
     save_model(graph, path)
     _record_unverified(path, model_dir, dtype or np.float32)
     return model

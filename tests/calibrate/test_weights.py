@@ -101,3 +101,23 @@ def test_compute_qparams_covers_every_format(calibrated):
         assert p4["scale"].shape == (n, -(-k // 128)) and "codes" in p4  # hessian was on
         assert layer_qparams(q, name, W8A8())["scale"].shape == (n, 1)
         assert q[f"{name}/act/scale"].shape == () and float(q[f"{name}/act/scale"]) > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_aware_clip_falls_back_to_min_max_when_no_error_is_finite(bad, symmetric):
+    """Every candidate's weighted error is NaN/inf: the result is plain min/max qparams
+    (the r = 1 candidate, numpy's amin/amax here), never uninitialised memory."""
+    w = torch.randn(300, 96, generator=torch.Generator().manual_seed(0))
+    h_diag = torch.full((96,), bad)
+    s, z = weights.aware_clip(w, h_diag, 4, 64, symmetric)
+    wg = torch.nn.functional.pad(w, (0, 32)).reshape(300, 2, 64).numpy()
+    lo = torch.from_numpy(wg.min(-1)).clamp(max=0)
+    hi = torch.from_numpy(wg.max(-1)).clamp(min=0)
+    if symmetric:
+        ref_s, ref_z = torch.maximum(-lo, hi) / 7, torch.full_like(lo, 8.0)
+    else:
+        ref_s = (hi - lo) / 15
+        ref_z = torch.round(-lo / ref_s)
+    torch.testing.assert_close(s, ref_s)
+    torch.testing.assert_close(z, ref_z)

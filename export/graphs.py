@@ -1,0 +1,31 @@
+"""``build_decoder``: the ONNX graph of a loaded model, by its family's ``Graph`` kind.
+
+One builder per :class:`quantcal.families.Graph` member, looked up by the family
+description (never by class name); a kind without a builder fails at import.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from quantcal.export.builder import GraphBuilder
+from quantcal.export.decoder import build_llama
+from quantcal.export.decoder_gpt2 import build_gpt2
+from quantcal.families import Graph
+from quantcal.formats import Format
+from quantcal.models import family_of
+
+Builder = Callable[[nn.Module, Mapping[str, Format], Mapping[str, torch.Tensor], object],
+                   GraphBuilder]
+BUILDERS: dict[Graph, Builder] = {Graph.ROTARY: build_llama, Graph.GPT2: build_gpt2}
+if set(BUILDERS) != set(Graph):  # pragma: no cover - a new graph kind needs its builder
+    raise ImportError(f"no ONNX builder for {set(Graph) - set(BUILDERS)}")
+
+
+def build_decoder(model: nn.Module, formats: Mapping[str, Format],
+                  qparams: Mapping[str, torch.Tensor], dtype) -> GraphBuilder:
+    """The decoder graph of ``model`` under ``formats`` (``dtype``: activation dtype)."""
+    return BUILDERS[family_of(model).graph](model, formats, qparams, dtype)

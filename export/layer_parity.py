@@ -1,0 +1,154 @@
+"""Per-layer parity: which planned layer an export gets wrong.
+
+For every planned layer (linear layers, the head and the token embedding), the input it sees
+in the torch fake-quant model is captured with a forward hook on one window; the layer's
+emitted ONNX op(s) are then built alone into a one-node graph (``export.emit`` with the same
+qparams, exactly as the decoder emits them) and run in onnxruntime on that input, and their
+output is compared with the fake-quant module's. The figures name the layer that disagrees
+most, so that a failed whole-model check says where to look.
+
+Reads the model, plan formats and qparams it is given; writes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnx import TensorProto
+from torch import nn
+
+from quantcal.export.builder import GraphBuilder
+from quantcal.export.emit import (
+    block_initializers, emit_embedding, emit_linear, gather_shared, pack_block,
+)
+from quantcal.fakequant import (
+    act_qparams, embedding_qparams, fake_quant_modules, layer_qparams, swapped,
+)
+from quantcal.formats import FP16, Format, shares_tied_weight
+from quantcal.models import family_of, weight_matrix
+
+LAYER_KEY = "layer_max_abs/"  # + layer name: that layer's max abs error against torch
+WORST_KEY = "worst_layer/"  # + layer name: the worst layer's error relative to its output
+TINY = 1e-30
+
+
+def capture_io(model: nn.Module, formats: Mapping[str, Format],
+               qparams: Mapping[str, torch.Tensor], ids: torch.Tensor
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Input and output of every planned layer in the fake-quant model on ``ids`` ``(B, S)``.
+
+    Returns:
+        ``{layer: (x, y)}``: ``x`` ``(B, S, K)`` (token ids ``(B, S)`` for an embedding),
+        ``y`` ``(B, S, N)``, float32 on the CPU.
+    """
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str):
+        def save(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            captured[name] = (args[0].detach().cpu(), out.detach().float().cpu())
+        return save
+
+    with swapped(model, fake_quant_modules(model, formats, qparams)):
+        handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in formats]
+        try:
+            with torch.inference_mode():
+                model(ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+    return captured
+
+
+def _tied_shared(model: nn.Module, name: str, formats: Mapping[str, Format]) -> bool:
+    """Whether the decoder stores embedding ``name`` once with its tied head."""
+    module = model.get_submodule(name)
+    head = model.get_output_embeddings()
+    return (head is not None and head.weight is module.weight and head.bias is None
+            and shares_tied_weight(formats[name], formats.get(family_of(model).lm_head),
+                                   module.embedding_dim))
+
+
+def _embedding_graph(b: GraphBuilder, model: nn.Module, name: str,
+                     formats: Mapping[str, Format], qparams: Mapping[str, torch.Tensor]
+                     ) -> str:
+    """The embedding's rows as the decoder emits them: ``Gather``, ``GatherBlockQuantized``
+    of its own table, or of its tied head's MatMulNBits weight."""
+    fmt = formats[name]
+    table = model.get_submodule(name).weight.detach()  # (V, H)
+    ids = b.input("x", TensorProto.INT64, ["B", "S"])
+    if isinstance(fmt, FP16):
+        return emit_embedding(b, name, ids, table, fmt, {})
+    qp = embedding_qparams(model, name, formats, qparams)
+    if not _tied_shared(model, name, formats):
+        return emit_embedding(b, name, ids, table, fmt, qp)
+    packed = pack_block(name, fmt, table, qp)
+    return gather_shared(b, name, ids, block_initializers(b, name, packed), packed, fmt)
+
+
+def layer_graph(model: nn.Module, name: str, formats: Mapping[str, Format],
+                qparams: Mapping[str, torch.Tensor], dtype, k: int) -> bytes:
+    """A graph ``x -> y`` of layer ``name`` alone, emitted as the decoder emits it.
+
+    Args:
+        k: the layer's input width (unused for an embedding, whose input is token ids).
+    """
+    b = GraphBuilder(dtype)
+    module = model.get_submodule(name)
+    if isinstance(module, nn.Embedding):
+        y = _embedding_graph(b, model, name, formats, qparams)
+    else:
+        fmt = formats[name]
+        x = b.input("x", b.elem_type, ["B", "S", k])
+        qp = {} if isinstance(fmt, FP16) else layer_qparams(qparams, name, fmt)
+        y = emit_linear(b, name, x, weight_matrix(module).detach(), module.bias, fmt, qp,
+                        act_qparams(qparams, name))
+    b.output(y, b.elem_type, ["B", "S", "N"])
+    return b.model().SerializeToString()
+
+
+def _providers(provider: str) -> list[str]:
+    if provider == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def layer_errors(model: nn.Module, formats: Mapping[str, Format],
+                 qparams: Mapping[str, torch.Tensor], ids: torch.Tensor, *, dtype,
+                 provider: str) -> dict[str, tuple[float, float]]:
+    """``{layer: (max abs error, max |torch output|)}`` of every planned layer's emitted
+    op(s) against its fake-quant module, on the inputs one window ``ids`` ``(B, S)`` gives
+    it. ``dtype``: the graph's activation dtype."""
+    out = {}
+    for name, (x, y) in capture_io(model, formats, qparams, ids).items():
+        graph = layer_graph(model, name, formats, qparams, dtype, x.shape[-1])
+        sess = ort.InferenceSession(graph, providers=_providers(provider))
+        feed = x.numpy() if x.dtype == torch.int64 else x.float().numpy().astype(dtype)
+        got = sess.run(None, {"x": feed})[0].astype(np.float32)
+        ref = y.numpy()
+        out[name] = (float(np.abs(got - ref).max()), float(np.abs(ref).max()))
+    return out
+
+
+def layer_figures(errors: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """Parity figures of :func:`layer_errors`: each layer's max abs error
+    (``layer_max_abs/<layer>``), and the worst layer (largest error relative to its output's
+    scale) as ``worst_layer_max_abs``, ``worst_layer_rel`` and ``worst_layer/<layer>``."""
+    if not errors:
+        return {}
+    rel = {n: err / max(ref, TINY) for n, (err, ref) in errors.items()}
+    worst = max(rel, key=lambda n: (not np.isfinite(rel[n]), rel[n]))
+    return {"worst_layer_max_abs": errors[worst][0], "worst_layer_rel": rel[worst],
+            f"{WORST_KEY}{worst}": rel[worst],
+            **{f"{LAYER_KEY}{n}": err for n, (err, _) in errors.items()}}
+
+
+def worst_layer(figures: Mapping[str, float | None]) -> tuple[str, float | None] | None:
+    """``(layer, max abs error)`` of the worst layer recorded in ``figures``, if any."""
+    for key in figures:
+        if key.startswith(WORST_KEY):
+            name = key[len(WORST_KEY):]
+            return name, figures.get(f"{LAYER_KEY}{name}")
+    return None
