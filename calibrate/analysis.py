@@ -1,7 +1,9 @@
 """Sensitivity, then a plan: the part of ``calibrate`` after the qparams, and ``quantcal plan``.
 
-``score`` scores every layer (exact KL, with the fast proxy and its rank correlation, or
-the proxy alone); ``measured`` gives a plan its whole-model KL on the held-out windows.
+``score`` scores every layer (exact KL, with the fast proxy and its rank correlation per
+format, or the proxy alone) on the first ``--sensitivity-samples`` held-out windows;
+``measured`` gives a plan its whole-model KL on as many *other* held-out windows (a plan
+optimised on the scoring windows would read low on them): :func:`split_held_out`.
 Both write into the folder they are given (calibration's staging folder). ``replan``
 re-solves from an existing run directory's ``sensitivity.json`` under another budget
 (nothing is re-scored), after checking that sensitivity.json, qparams and run.json belong
@@ -23,7 +25,7 @@ from quantcal.calibrate.plans import make_plan, plan_kl
 from quantcal.calibrate.plot import plot_sensitivity
 from quantcal.calibrate.qparams import QPARAMS_KIND
 from quantcal.calibrate.sensitivity import (
-    exact_sensitivity, output_fisher, proxy_sensitivity, spearman,
+    exact_sensitivity, output_fisher, proxy_sensitivity, spearman, spearman_per_format,
 )
 from quantcal.calibrate.stats import LayerStats
 from quantcal.config import Budget, Plan, RunRecord, SensitivityRecord
@@ -36,13 +38,25 @@ from quantcal.rundir import (
 from quantcal.txn import Stage
 
 SENSITIVITY_PNG = "sensitivity.png"
+HELD_OUT_SETS = 2  # held-out windows to ask for, in units of --sensitivity-samples
+
+
+def split_held_out(held_out: torch.Tensor, scoring: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, L)`` held-out windows -> the first ``scoring`` (they score the layers) and the
+    next ``scoring`` (they measure the plan: disjoint from those it was optimised on)."""
+    if held_out.shape[0] < HELD_OUT_SETS * scoring:
+        raise QuantcalError(f"{held_out.shape[0]} held-out windows: scoring and measuring "
+                            f"need {HELD_OUT_SETS} x {scoring}; lower --sensitivity-samples "
+                            "or pass more text with --data PATH")
+    return held_out[:scoring], held_out[scoring:HELD_OUT_SETS * scoring]
 
 
 def score(model: nn.Module, record: RunRecord, stats: Mapping[str, LayerStats],
           qparams: Mapping[str, torch.Tensor], held_out: torch.Tensor, *,
           device: torch.device, progress: bool = True) -> SensitivityRecord:
-    """Score every planned layer: the exact KL (with the fast proxy and its rank
-    correlation beside it), or the proxy alone."""
+    """Score every planned layer on ``held_out`` (the scoring windows of
+    :func:`split_held_out`): the exact KL (with the fast proxy and its rank correlation
+    beside it), or the proxy alone."""
     cfg = record.config
     layers = {n: i for n, i in record.layers.items() if i.kind != "embedding"}
     weights = {n: weight_matrix(model.get_submodule(n)).detach() for n in layers}
@@ -53,7 +67,7 @@ def score(model: nn.Module, record: RunRecord, stats: Mapping[str, LayerStats],
     timings = {"proxy_s": time.perf_counter() - t}
     if cfg.sensitivity != "exact":
         return SensitivityRecord("fast", cfg.formats, proxy, held_out.shape[0], cfg.seq_len,
-                                 timings=timings)
+                                 timings=timings, measure_samples=held_out.shape[0])
     t = time.perf_counter()
     exact = exact_sensitivity(model, held_out, layers, cfg.formats, qparams,
                               batch_size=max(1, cfg.batch_size // len(cfg.formats)),
@@ -62,14 +76,17 @@ def score(model: nn.Module, record: RunRecord, stats: Mapping[str, LayerStats],
         torch.cuda.synchronize(device)
     timings["exact_s"] = time.perf_counter() - t
     return SensitivityRecord("exact", cfg.formats, exact, held_out.shape[0], cfg.seq_len,
-                             proxy=proxy, spearman=spearman(exact, proxy), timings=timings)
+                             proxy=proxy, spearman=spearman(exact, proxy),
+                             spearman_per_format=spearman_per_format(exact, proxy),
+                             timings=timings, measure_samples=held_out.shape[0])
 
 
 def measured(plan: Plan, model: nn.Module, qparams: Mapping[str, torch.Tensor],
              held_out: torch.Tensor, *, batch_size: int, device: torch.device) -> Plan:
-    """The plan with ``kl_measured``: all its layers quantized at once (errors interact)."""
+    """The plan with ``kl_measured``: all its layers quantized at once (errors interact), on
+    ``held_out``: the measuring windows of :func:`split_held_out`, none of which scored."""
     kl = plan_kl(model, plan, qparams, held_out, batch_size=batch_size, device=device)
-    return replace(plan, kl_measured=kl)
+    return replace(plan, kl_measured=kl, measure_windows=held_out.shape[0])
 
 
 def write_sensitivity(folder: Path, sens: SensitivityRecord) -> None:
@@ -99,10 +116,11 @@ def _checked_inputs(run: RunDir, record: RunRecord) -> tuple[SensitivityRecord, 
 
 
 def replan(run: RunDir, *, budget: Budget | None, rules: Rules, output: Path | None = None,
-           measure: bool = True, progress: bool = True) -> Plan:
+           measure: bool = True, data: str | None = None, progress: bool = True) -> Plan:
     """``quantcal plan``: a new plan from ``sensitivity.json``; measured unless ``measure``
-    is False (measuring loads the model and the held-out windows again). The run's own
-    plan.json is replaced as one transaction with its sensitivity.png."""
+    is False (measuring loads the model and the held-out windows again, from the data
+    source run.json records, or from ``data``). The run's own plan.json is replaced as one
+    transaction with its sensitivity.png."""
     record = run.read_run()
     sens, qdigest = _checked_inputs(run, record)
     plan = replace(make_plan(record, sens, budget, rules), made_from={QPARAMS: qdigest})
@@ -111,7 +129,7 @@ def replan(run: RunDir, *, budget: Budget | None, rules: Rules, output: Path | N
         if measure:
             check_model_unchanged(record.config.model, record.config.revision,
                                   record.model_files, str(run.file(RUN_JSON)))
-            plan = _measure_from_run(run, record, plan)
+            plan = _measure_from_run(run, record, plan, data)
         if not own:
             atomic_write_json(output, plan)
             return plan
@@ -124,8 +142,8 @@ def replan(run: RunDir, *, budget: Budget | None, rules: Rules, output: Path | N
     return plan
 
 
-def _measure_from_run(run: RunDir, record: RunRecord, plan: Plan) -> Plan:
-    from quantcal.calibrate.data import load_calibration_data
+def _measure_from_run(run: RunDir, record: RunRecord, plan: Plan, data: str | None) -> Plan:
+    from quantcal.calibrate.data import recorded_windows
     from quantcal.models import load_model, resolve_device, resolve_dtype
 
     cfg = record.config
@@ -133,8 +151,8 @@ def _measure_from_run(run: RunDir, record: RunRecord, plan: Plan) -> Plan:
     model, tokenizer = load_model(cfg.model, revision=cfg.revision,
                                   trust_remote_code=cfg.trust_remote_code,
                                   dtype=resolve_dtype(cfg.dtype, device), device=device)
-    _, held = load_calibration_data(cfg.data, tokenizer, seq_len=cfg.seq_len,
-                                    samples=cfg.samples, seed=cfg.seed,
-                                    holdout=cfg.sensitivity_samples, text_field=cfg.text_field)
+    _, held = recorded_windows(record, tokenizer,
+                               holdout=HELD_OUT_SETS * cfg.sensitivity_samples, data=data)
     qparams, _ = run.load_tensors(QPARAMS, QPARAMS_KIND)
-    return measured(plan, model, qparams, held, batch_size=cfg.batch_size, device=device)
+    _, measure_on = split_held_out(held, cfg.sensitivity_samples)
+    return measured(plan, model, qparams, measure_on, batch_size=cfg.batch_size, device=device)

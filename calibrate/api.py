@@ -23,12 +23,13 @@ import torch
 
 from quantcal import __version__
 from quantcal.calibrate.analysis import (
-    SENSITIVITY_PNG, measured, score, write_plan, write_sensitivity,
+    HELD_OUT_SETS, SENSITIVITY_PNG, measured, score, split_held_out, write_plan,
+    write_sensitivity,
 )
 from quantcal.calibrate.collect import collect_full, collect_sequential
 from quantcal.calibrate.planner import Rules
 from quantcal.calibrate.plans import check_budget, make_plan
-from quantcal.calibrate.data import load_calibration_data
+from quantcal.calibrate.data import read_calibration
 from quantcal.calibrate.qparams import QPARAMS_KIND, compute_embedding_qparams, compute_qparams
 from quantcal.calibrate.stats import STAT_KIND, stats_from_tensors, stats_to_tensors
 from quantcal.config import Budget, CalibrateConfig, RunRecord, SensitivityRecord
@@ -135,14 +136,15 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
                             f"({limit} positions); use --seq-len {limit} or less")
     load_s = time.perf_counter() - t0
     t = time.perf_counter()
-    windows, held_out = load_calibration_data(
+    windows, held_out, data_source = read_calibration(
         config.data, tokenizer, seq_len=config.seq_len, samples=config.samples,
-        seed=config.seed, holdout=config.sensitivity_samples if config.sensitivity != "none"
-        else 0, text_field=config.text_field)
+        seed=config.seed, holdout=HELD_OUT_SETS * config.sensitivity_samples
+        if config.sensitivity != "none" else 0, text_field=config.text_field)
     timings = {"load_s": load_s, "data_s": time.perf_counter() - t}
     layers = quantizable_layers(model)
     shape_only = RunRecord(config=config, layers=layers, **_outside_bytes(model, layers),
-                           model_files=model_digests(config.model, config.revision))
+                           model_files=model_digests(config.model, config.revision),
+                           data_source=data_source)
     if config.sensitivity != "none":  # an impossible budget or rule fails now
         check_budget(shape_only, budget, rules)
     created = not run.path.exists()
@@ -210,15 +212,16 @@ def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, hel
     if config.sensitivity != "none":
         t = time.perf_counter()
         model.to(device)
+        score_on, measure_on = split_held_out(held_out, config.sensitivity_samples)
         if ckpt.done("sensitivity"):
             sens = read_record(folder / SENSITIVITY, SensitivityRecord)
         else:
-            sens = replace(score(model, record, stats, qparams, held_out, device=device,
+            sens = replace(score(model, record, stats, qparams, score_on, device=device,
                                  progress=progress), made_from=made_from)
             write_sensitivity(folder, sens)
             ckpt.mark("sensitivity", {})
         plan = measured(replace(make_plan(record, sens, budget, rules), made_from=made_from),
-                        model, qparams, held_out, batch_size=config.batch_size, device=device)
+                        model, qparams, measure_on, batch_size=config.batch_size, device=device)
         write_plan(folder, sens, plan)
         timings["sensitivity_plan_s"] = time.perf_counter() - t
     timings = {**ckpt.state["timings"], **timings,

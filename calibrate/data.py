@@ -1,15 +1,19 @@
 """Calibration text: where it comes from and how it becomes token windows.
 
-Owns the ``--data`` vocabulary (``c4``, ``wikitext2`` or a path). Reads text lazily from a
-local folder laid out like ``shared/data`` (``data_dir`` or ``$QUANTCAL_DATA_DIR``), else from
-the Hugging Face hub through ``datasets`` (or its cache), or from a user's .txt, .json,
-.jsonl, .jsonl.gz, .json.gz or .parquet file (or a folder of them); tokenizes it into one
-stream and picks non-overlapping windows from it by seed. Writes nothing. Every error a
-user can cause is a :class:`QuantcalError` whose message says what to do.
+Owns the ``--data`` vocabulary (``c4``, ``wikitext2`` or a path). Named corpora come from
+:mod:`quantcal.textdata`, the layer evaluation reads too (calibration gets their
+calibration part: C4 train, WikiText-2 train, the first half of a local C4 sample); paths
+are a user's .txt, .json, .jsonl, .jsonl.gz, .json.gz or .parquet file (or a folder of
+them). Text is tokenized into one stream and non-overlapping windows are picked from it by
+seed; :func:`read_calibration` also returns the exact source and the digests of the
+documents whose tokens entered a window (:class:`DataSource`, kept in run.json), and
+:func:`recorded_windows` reads the same windows again from that record. Writes nothing.
+Every error a user can cause is a :class:`QuantcalError` whose message says what to do.
 """
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import itertools
 import json
@@ -17,25 +21,20 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from quantcal.datadir import DATA_DIR_ENV, find_local, hub_access
+from quantcal.config import DataSource
+from quantcal.datadir import DATA_DIR_ENV
 from quantcal.errors import QuantcalError
+from quantcal.textdata import CALIBRATION, NAMED, doc_digest, open_corpus, reopen
 
-NAMED = ("c4", "wikitext2")
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".txt")
-LOCAL_FILES = {  # under a local data folder, in order of preference
-    "c4": ("c4/c4_validation_2k.jsonl.gz", "c4/c4_validation_2k.parquet"),
-    "wikitext2": ("wikitext2/wiki.test.raw",),
-}
-HUB_ARGS = {  # wikitext2 calibrates on the hub's train split; shared/data holds only test
-    "c4": dict(path="allenai/c4", split="validation",
-               data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}),
-    "wikitext2": dict(path="wikitext", name="wikitext-2-raw-v1", split="train"),
-}
 TOKENS_MARGIN = 2.0
+REMEDY = "pass --data PATH with a local text file"
+__all__ = ["DATA_DIR_ENV", "NAMED"]
 
 
 def iter_texts(spec: str, *, text_field: str = "text",
@@ -51,8 +50,14 @@ def iter_texts(spec: str, *, text_field: str = "text",
         An iterator of documents. Errors in ``spec`` (unknown name, missing path, file type,
         hub) are raised at once; errors in a file's content when it is read.
     """
+    return _open(spec, text_field, data_dir)[1]
+
+
+def _open(spec: str, text_field: str, data_dir: Path | None
+          ) -> tuple[DataSource, Iterator[str]]:
     if spec.lower() in NAMED:
-        label, texts = _named_source(spec.lower(), data_dir)
+        source, texts = open_corpus(spec.lower(), CALIBRATION, data_dir, remedy=REMEDY)
+        label = f"{source.name} ({source.path or source.split})"
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -60,8 +65,9 @@ def iter_texts(spec: str, *, text_field: str = "text",
                 raise QuantcalError(f"data file not found: {spec}; check the path")
             raise QuantcalError(f"unknown data set '{spec}' and no such file: choose one of "
                                 f"{', '.join(NAMED)} or a path to a {'/'.join(SUFFIXES)} file")
+        source = DataSource(name=spec, path=str(path.resolve()), text_field=text_field)
         label, texts = str(path), _path_texts(path, text_field)
-    return _nonempty(label, texts)
+    return source, _nonempty(label, texts)
 
 
 def load_texts(spec: str, *, text_field: str = "text", data_dir: Path | None = None,
@@ -97,24 +103,38 @@ def token_stream(texts: Iterable[str], tokenizer, *, max_tokens: int | None = No
     Returns:
         The token ids, (T,) int64.
     """
+    return _stream_docs(texts, tokenizer, max_tokens, batch_size)[0]
+
+
+def _stream_docs(texts: Iterable[str], tokenizer, max_tokens: int | None = None,
+                 batch_size: int = 64) -> tuple[torch.Tensor, list[int], list[str]]:
+    """:func:`token_stream`, plus where each tokenized document ends in the stream and its
+    digest (documents without tokens are skipped, as in the stream)."""
     if tokenizer.eos_token_id is None:
         raise QuantcalError("the tokenizer has no eos token to separate documents with; "
                             "set tokenizer.eos_token or use the model's own tokenizer")
     sep = torch.tensor([tokenizer.eos_token_id], dtype=torch.long)
     pieces: list[torch.Tensor] = []
+    ends: list[int] = []
+    digests: list[str] = []
     total, it = 0, iter(texts)
     while batch := list(itertools.islice(it, batch_size)):
         encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
                             verbose=False)
-        for ids in filter(None, encoded["input_ids"]):  # skip documents with no tokens
+        for text, ids in zip(batch, encoded["input_ids"]):
+            if not ids:  # skip documents with no tokens
+                continue
             if pieces:
                 pieces.append(sep)
                 total += 1
             pieces.append(torch.tensor(ids, dtype=torch.long))
             total += len(ids)
+            ends.append(total)
+            digests.append(doc_digest(text))
             if max_tokens is not None and total >= max_tokens:
-                return torch.cat(pieces)
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+                return torch.cat(pieces), ends, digests
+    stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+    return stream, ends, digests
 
 
 def pick_windows(stream: torch.Tensor, *, seq_len: int, samples: int, seed: int,
@@ -138,8 +158,27 @@ def pick_windows(stream: torch.Tensor, *, seq_len: int, samples: int, seed: int,
             f"(samples + held-out; asked for {samples} + {holdout}), lower --seq-len, "
             f"or pass more text with --data PATH")
     windows = stream[: n * seq_len].reshape(n, seq_len)  # (n, seq_len)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = _window_order(n, seed)
     return windows[order[:samples]], windows[order[samples:samples + holdout]]
+
+
+def _window_order(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _used_digests(ends: list[int], digests: list[str], picked: torch.Tensor,
+                  seq_len: int) -> list[str]:
+    """Digests, in stream order, of the documents that share a token with a picked window
+    (a window of tokens [w*L, (w+1)*L) touches documents first..last by their ends)."""
+    used: set[int] = set()
+    for w in picked.tolist():
+        begin, end = w * seq_len, (w + 1) * seq_len
+        first = bisect.bisect_right(ends, begin)
+        last = min(bisect.bisect_left(ends, end), len(ends) - 1)
+        if last > 0 and ends[last - 1] + 1 >= end:  # it starts after the window (eos between)
+            last -= 1
+        used.update(range(first, last + 1))
+    return [digests[i] for i in sorted(used)]
 
 
 def calibration_windows(texts: Iterable[str], tokenizer, *, seq_len: int, samples: int,
@@ -157,18 +196,61 @@ def calibration_windows(texts: Iterable[str], tokenizer, *, seq_len: int, sample
 def load_calibration_data(spec: str, tokenizer, *, seq_len: int, samples: int, seed: int,
                           holdout: int = 0, text_field: str = "text",
                           data_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read ``spec`` and return its calibration and held-out windows.
+    """:func:`read_calibration` without the source record."""
+    windows, held, _ = read_calibration(spec, tokenizer, seq_len=seq_len, samples=samples,
+                                        seed=seed, holdout=holdout, text_field=text_field,
+                                        data_dir=data_dir)
+    return windows, held
+
+
+def read_calibration(spec: str, tokenizer, *, seq_len: int, samples: int, seed: int,
+                     holdout: int = 0, text_field: str = "text", data_dir: Path | None = None,
+                     source: DataSource | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, DataSource]:
+    """Read ``spec`` (or the recorded ``source``) and return its calibration and held-out
+    windows and the exact source with the digests of the documents they use.
 
     Named data sets are read only up to :func:`tokens_to_read` tokens; files are read whole.
     Args and Returns: as :func:`iter_texts` and :func:`calibration_windows`.
     """
     _check_request(seq_len=seq_len, samples=samples, holdout=holdout)
     budget = tokens_to_read(seq_len=seq_len, samples=samples, holdout=holdout)
-    budget = budget if spec.lower() in NAMED else None
-    with closing(iter_texts(spec, text_field=text_field, data_dir=data_dir)) as texts:
-        stream = token_stream(texts, tokenizer, max_tokens=budget)
-    return pick_windows(stream, seq_len=seq_len, samples=samples, seed=seed,
-                        holdout=holdout, source=spec)
+    if source is None:
+        source, texts = _open(spec, text_field, data_dir)
+    else:
+        texts = _reopen(source)
+    named = spec.lower() in NAMED
+    with closing(texts):
+        stream, ends, digests = _stream_docs(texts, tokenizer, budget if named else None)
+    calib, held = pick_windows(stream, seq_len=seq_len, samples=samples, seed=seed,
+                               holdout=holdout, source=spec)
+    picked = _window_order(stream.numel() // seq_len, seed)[:samples + holdout]
+    used = _used_digests(ends, digests, picked, seq_len)
+    return calib, held, replace(source, digests=used)
+
+
+def recorded_windows(record, tokenizer, *, holdout: int, data: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration and held-out windows of a run (``record``: its run.json; ``holdout``:
+    as many held-out windows as calibration asked for), read again from the source it
+    records (no data folder needed: a local file is named by its path), or from ``data``
+    (a ``--data`` spec) when given; runs without a record read ``config.data``."""
+    cfg = record.config
+    recorded = record.data_source if data is None else None
+    windows, held, _ = read_calibration(
+        data or cfg.data, tokenizer, seq_len=cfg.seq_len, samples=cfg.samples, seed=cfg.seed,
+        holdout=holdout, text_field=cfg.text_field, source=recorded)
+    return windows, held
+
+
+def _reopen(source: DataSource) -> Iterator[str]:
+    if source.name.lower() in NAMED:
+        return _nonempty(source.name, reopen(source, remedy=REMEDY))
+    path = Path(source.path)
+    if not path.exists():
+        raise QuantcalError(f"the recorded calibration data {source.path} is gone; pass "
+                            "--data PATH naming the calibration text")
+    return _nonempty(str(path), _path_texts(path, source.text_field))
 
 
 def _check_request(*, seq_len: int, samples: int, holdout: int) -> None:
@@ -186,53 +268,6 @@ def _nonempty(label: str, texts: Iterator[str]) -> Iterator[str]:
             yield text
     if not found:
         raise QuantcalError(f"{label} holds no non-empty texts; pass a file with text in it")
-
-
-# ---------------------------------------------------------------- named data sets
-
-
-def _named_source(name: str, data_dir: Path | None) -> tuple[str, Iterator[str]]:
-    path, missing = find_local(LOCAL_FILES[name], data_dir, "data folder")
-    if path is None:
-        return name, _hub_texts(name, missing)
-    texts = _wiki_raw(path) if name == "wikitext2" else _path_texts(path, "text")
-    return f"{name} ({path})", texts
-
-
-def _wiki_raw(path: Path) -> Iterator[str]:
-    # The whole file is one document, as the usual "\n\n".join(rows) recipe makes it.
-    yield path.read_bytes().decode("utf-8").replace("\r\n", "\n")
-
-
-def _hub_texts(name: str, missing: str) -> Iterator[str]:
-    import datasets
-
-    def fail(why: str) -> QuantcalError:
-        layout = ", ".join(LOCAL_FILES[name])
-        return QuantcalError(
-            f"could not load {name} from the Hugging Face hub ({why}); {missing}pass "
-            f"--data PATH with a local text file, or set {DATA_DIR_ENV} to a folder laid out "
-            f"like shared/data ({layout})")
-
-    offline, unusable = hub_access()
-    if unusable:
-        raise fail(unusable)
-    streaming = name == "c4" and not offline  # streams cannot come from the cache
-    try:
-        rows = datasets.load_dataset(**HUB_ARGS[name], streaming=streaming)
-    except Exception as exc:  # offline, not cached, network, auth: all mean the same here
-        raise fail(f"{type(exc).__name__}: {exc}") from exc
-    if name == "wikitext2":
-        return iter(["\n\n".join(rows["text"])])
-    return _hub_rows(rows, fail)
-
-
-def _hub_rows(rows, fail) -> Iterator[str]:  # a stream can break half way
-    try:
-        for row in rows:
-            yield row["text"]
-    except (OSError, ValueError) as exc:
-        raise fail(f"{type(exc).__name__}: {exc}") from exc
 
 
 # ---------------------------------------------------------------- files

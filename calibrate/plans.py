@@ -8,7 +8,10 @@ will store and the sensitivity score), turns the user's budget into the planner'
 The token embedding has no score: it stays fp16, outside the plan, unless ``--force`` names
 it. Sizes follow the export: a planned embedding's bytes leave ``other_param_bytes`` (its
 fp16 table) for its format's, and a tied head is counted once with the embedding when
-``shares_tied_weight`` says the export stores them once.
+``shares_tied_weight`` says the export stores them once: under every budget (bits, size,
+KL) such a head costs 0 bits, so quantizing it never "saves" room. The plan predicts the
+size of both exports: fp16 (``--provider cuda``) and fp32 (``--provider cpu``, whose
+unquantized weights, norms and scales take twice the bytes).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import replace
 from typing import Callable, Mapping
 
 import torch
@@ -103,15 +107,6 @@ def _table_bytes(record: RunRecord, names) -> int:
                for n in names if record.layers[n].kind == "embedding")
 
 
-def _outside_plan_bytes(record: RunRecord, chosen: Mapping[str, Candidate]) -> int:
-    """Bytes the export stores besides the planned layers (embeddings, norms, biases)."""
-    extra = record.other_param_bytes - _table_bytes(record, chosen)
-    emb, head = chosen.get(_embedding(record)), chosen.get("lm_head")
-    if head is not None and _head_shared(record, emb.fmt if emb else FP16(), head.fmt):
-        extra -= head.nbytes  # stored once, counted with the embedding
-    return extra
-
-
 def _size_costs(record: RunRecord, cands: dict[str, list[Candidate]]
                 ) -> dict[str, list[Candidate]]:
     """Candidates costed by what they add to the exported file: a tied head stored with
@@ -153,16 +148,25 @@ def _would_reach(record: RunRecord, cands: dict[str, list[Candidate]],
     return ""
 
 
+def _weights(record: RunRecord, names) -> int:
+    """Weight elements of the layers ``names`` (the denominator of bits per weight)."""
+    return sum(record.layers[n].in_features * record.layers[n].out_features for n in names)
+
+
 def bits_range(record: RunRecord, cands: dict[str, list[Candidate]]) -> tuple[float, float]:
-    """Smallest and largest bits per weight any assignment of ``cands`` stores."""
-    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
-    lo, hi = feasible_bytes(cands)
+    """Smallest and largest bits per weight any assignment of ``cands`` stores (a tied head
+    stored with the embedding costs 0 bits)."""
+    weights = _weights(record, cands)
+    lo, hi = feasible_bytes(_size_costs(record, cands))
     return 8 * lo / weights, max(8 * hi / weights, 16.0)
 
 
 def _target_bits(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
                  ) -> dict[str, Candidate]:
-    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
+    """Least score within ``budget.value`` stored bits per weight; a tied head stored with
+    the embedding table costs 0 bits, so quantizing it saves nothing."""
+    weights, given = _weights(record, cands), cands
+    cands = _size_costs(record, cands)
     lo_b, hi_b = bits_range(record, cands)
     if budget.value < lo_b:
         lowest = math.ceil(lo_b * 1000) / 1000
@@ -176,7 +180,15 @@ def _target_bits(budget: Budget, cands: dict[str, list[Candidate]], record: RunR
                             f"{lo_b:.3f} to {hi_b:.3f} bits/weight (the largest plan); pass "
                             f"--target-bits {hi_b:g} or less")
     least = feasible_bytes(cands)[0]  # a budget rounded to lo_b may floor below it
-    return solve(cands, max_bytes=max(int(budget.value * weights // 8), least))
+    return _solve_costed(record, given, max_bytes=max(int(budget.value * weights // 8), least))
+
+
+def _solve_costed(record: RunRecord, cands: dict[str, list[Candidate]], **limit
+                  ) -> dict[str, Candidate]:
+    """:func:`solve` with each candidate costed by what it adds to the export (a tied head
+    stored with the embedding: nothing); returns the candidates as given."""
+    picked = solve(_size_costs(record, cands), **limit)
+    return {n: next(c for c in cands[n] if c.fmt == p.fmt) for n, p in picked.items()}
 
 
 def _max_size(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
@@ -201,8 +213,7 @@ def _max_size(budget: Budget, cands: dict[str, list[Candidate]], record: RunReco
         raise QuantcalError(f"--max-size {budget.value / 1e6:.2f}MB is above the feasible "
                             f"range {low_mb:.2f}MB to {high_mb:.2f}MB (the largest plan); pass "
                             f"--max-size {math.floor(high_mb * 100) / 100:.2f}MB or less")
-    picked = solve(costed, max_bytes=int(budget.value - outside))
-    return {n: next(c for c in cands[n] if c.fmt == p.fmt) for n, p in picked.items()}
+    return _solve_costed(record, cands, max_bytes=int(budget.value - outside))
 
 
 def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
@@ -225,7 +236,7 @@ def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: Run
                 f"--max-kl {budget.value:g} cannot be met: the layers these rules pin "
                 f"predict {least:.4g} nats/token at the least; pass --max-kl {least:.4g} or "
                 "more, or drop a --force rule")
-        return solve(cands, max_score=budget.value)
+        return _solve_costed(record, cands, max_score=budget.value)
     raise QuantcalError(f"budget {budget.kind!r} cannot be planned; use --target-bits, "
                         "--max-size or --max-kl")
 
@@ -235,12 +246,13 @@ def default_budget(record: RunRecord, cands: dict[str, list[Candidate]]) -> Budg
     hidden size of 576 pads int4-g128 groups, so 4.5 bits may be below all-int4, and
     ``--formats int8,w8a8`` reach 8.25 bits at the least); a logged notice says so and
     names a format that would reach the default."""
-    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
+    weights = _weights(record, cands)
     lo, hi = bits_range(record, cands)
     if lo <= DEFAULT_BITS:
         return Budget("target_bits", DEFAULT_BITS)
     bits = math.ceil(lo * 1000) / 1000
-    more = _would_reach(record, cands, lambda b: 8 * b / weights <= DEFAULT_BITS)
+    more = _would_reach(record, _size_costs(record, cands),
+                        lambda b: 8 * b / weights <= DEFAULT_BITS)
     log.warning(f"quantcal: no budget given, and the default {DEFAULT_BITS} bits/weight is "
                 f"below what formats {_names(cands)} reach ({lo:.3f} to {hi:.3f}); planning "
                 f"for {bits:g}; pass --target-bits to choose{more}")
@@ -266,21 +278,50 @@ def make_plan(record: RunRecord, sens: SensitivityRecord, budget: Budget | None,
         layers[name] = LayerPlan(c.fmt, bits=round(bits, 4), bytes=c.nbytes,
                                  score=None if name in embeddings else c.score,
                                  reason=reasons[name])
-    return describe(record, layers, budget)
+    return replace(describe(record, layers, budget), predicted_by=sens.method,
+                   score_windows=sens.samples)
+
+
+def _float_bytes(fmt: Format, n: int, k: int, embedding: bool) -> int:
+    """Bytes of a layer's floating-point tensors in the fp16 export (a whole fp16 weight;
+    the scales of a quantized one): the CPU export stores them in fp32, twice as many."""
+    if isinstance(fmt, FP16):
+        return 2 * n * k
+    if isinstance(fmt, BlockQuant):
+        return n * (fmt.gather_blocks(k) if embedding else fmt.n_blocks(k)) * 2
+    return 2 * n  # w8a8: one weight scale per output channel (int8 codes)
+
+
+def _stored(record: RunRecord, layers: Mapping[str, LayerPlan]) -> dict[str, LayerPlan]:
+    """The layers the export stores apart: all but a tied head stored with the embedding."""
+    emb = layers.get(_embedding(record) or "")
+    head = layers.get("lm_head")
+    if head is not None and _head_shared(record, emb.format if emb else FP16(), head.format):
+        return {n: p for n, p in layers.items() if n != "lm_head"}
+    return dict(layers)
 
 
 def describe(record: RunRecord, layers: dict[str, LayerPlan], budget: Budget,
              kl_measured: float | None = None) -> Plan:
-    """A Plan with totals and predicted size computed from its layers."""
-    weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in layers)
-    nbytes = sum(p.bytes for p in layers.values())
-    chosen = {n: Candidate(p.format, p.bytes, p.score or 0.0) for n, p in layers.items()}
+    """A Plan with totals and predicted sizes (fp16 and fp32 exports) from its layers; a
+    tied head stored with the embedding costs 0 bits."""
+    weights = _weights(record, layers)
+    stored = _stored(record, layers)
+    nbytes = sum(p.bytes for p in stored.values())
+    outside = record.other_param_bytes - _table_bytes(record, layers)  # all floats
+    floats = outside + sum(_float_bytes(p.format, record.layers[n].out_features,
+                                        record.layers[n].in_features,
+                                        record.layers[n].kind == "embedding")
+                           for n, p in stored.items())
     totals: dict[str, float] = {"bits_per_weight": 8 * nbytes / weights,
                                 "planned_bytes": float(nbytes), "layers": float(len(layers))}
+    if len(stored) < len(layers):
+        totals["lm_head_shares_embedding"] = 1.0
     for p in layers.values():
         totals[f"layers_{p.format.name}"] = totals.get(f"layers_{p.format.name}", 0.0) + 1
     return Plan(model=record.config.model, layers=layers, budget=budget, totals=totals,
-                predicted_size_bytes=nbytes + _outside_plan_bytes(record, chosen),
+                predicted_size_bytes=nbytes + outside,
+                predicted_size_fp32_bytes=nbytes + outside + floats,
                 kl_predicted=sum(p.score or 0.0 for p in layers.values()),
                 kl_measured=kl_measured)
 

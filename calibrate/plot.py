@@ -35,7 +35,7 @@ def plot_sensitivity(sens: SensitivityRecord, path: Path, plan: Plan | None = No
     step = max(1, len(blocks) // 16)
     ax.set_xticks([i for i, _ in blocks[::step]], [b for _, b in blocks[::step]], fontsize=7)
     ax.set_yscale("log")
-    unit = "mean KL (nats/token)" if sens.method == "exact" else "relative output error"
+    unit = "mean KL (nats/token)" if sens.method == "exact" else "Fisher proxy score (not KL)"
     ax.set_ylabel(f"damage: {unit}")
     ax.set_xlabel("layer (model order; ticks mark decoder blocks)")
     ax.set_title(f"Layer sensitivity ({sens.method}, {sens.samples} held-out windows)")

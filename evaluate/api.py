@@ -53,9 +53,10 @@ def evaluate(model: str | None, run: RunDir, tasks: Sequence[str], *, limit: int
              sample: int | None, seed: int, provider: str, data_dir: Path | None,
              baseline: bool, device: str = "cpu", batch_size: int = 8,
              seq_len: int | None = None, stride: int | None = None,
-             progress: bool = True) -> EvalRecord:
+             progress: bool = True, allow_overlap: bool = False) -> EvalRecord:
     """Evaluate ``model`` (and the FP baseline) on ``tasks``; returns the whole eval.json,
-    which is written under the run directory's lock."""
+    which is written under the run directory's lock. Perplexity text that this run's
+    calibration read is refused unless ``allow_overlap`` (then eval.json records it)."""
     jobs = [(model, False)]
     if baseline:
         jobs.append((run.read_run().config.model, True))
@@ -64,7 +65,7 @@ def evaluate(model: str | None, run: RunDir, tasks: Sequence[str], *, limit: int
             _evaluate_one(name, is_baseline, run, tasks, limit=limit, sample=sample, seed=seed,
                           provider=provider, data_dir=data_dir, device=device,
                           batch_size=batch_size, seq_len=seq_len, stride=stride,
-                          progress=progress)
+                          progress=progress, allow_overlap=allow_overlap)
     return read_eval(run)
 
 

@@ -22,7 +22,8 @@ from quantcal.evaluate.tasks import (
     GenerateRequest, LoglikelihoodRequest, PerplexityWindow, get_task, select,
 )
 from quantcal.export.positions import model_positions
-from quantcal.rundir import EVAL_JSON, RunDir, atomic_write_json, read_json
+from quantcal.rundir import EVAL_JSON, RUN_JSON, RunDir, atomic_write_json, read_json
+from quantcal.textdata import doc_digest
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class VariantResult(Strict):
     seconds: float = 0.0
     source: str = ""  # the model file or folder scored
     made_from: dict[str, str] = field(default_factory=dict)  # sha256 of its files
+    # how each task was built: "lm-eval" (as lm-evaluation-harness), or "lm-eval-like: why"
+    protocols: dict[str, str] = field(default_factory=dict)
+    # per task scored with --allow-overlap: {"documents": n, "overlapping": k} of its text
+    # that calibration read (run.json's data_source digests)
+    overlap: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,13 @@ def prepare_task(name: str, backend, *, data_dir: Path | None, limit: int | None
     return task, docs
 
 
+def task_protocol(task, docs: Sequence) -> str | None:
+    """How ``docs`` of ``task`` were built ("lm-eval", "lm-eval-like: ..."), for tasks that
+    follow lm-evaluation-harness; None for the others (perplexity)."""
+    describe = getattr(task, "protocol", None)
+    return describe(docs) if describe is not None else None
+
+
 def run_task(name: str, backend, *, data_dir: Path | None, limit: int | None,
              sample: int | None, seed: int, seq_len: int | None = None,
              stride: int | None = None, progress: bool = True,
@@ -141,13 +154,18 @@ def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
                      seed: int, seq_len: int | None = None, stride: int | None = None,
                      size_bytes: int = 0, speed: dict | None = None,
                      source: str = "", made_from: dict | None = None,
-                     progress: bool = True) -> VariantResult:
-    """Run ``tasks`` on ``backend`` and store the result under ``label`` in ``eval.json``."""
+                     progress: bool = True, allow_overlap: bool = False) -> VariantResult:
+    """Run ``tasks`` on ``backend`` and store the result under ``label`` in ``eval.json``;
+    text calibration read is refused unless ``allow_overlap`` (:func:`check_overlap`)."""
     t = time.perf_counter()
+    overlap = {name: o for name in tasks
+               if (o := check_overlap(name, run, data_dir, allow_overlap)) is not None}
     options = dict(data_dir=data_dir, limit=limit, sample=sample, seed=seed, seq_len=seq_len,
                    stride=stride)
     prepared = {name: prepare_task(name, backend, **options) for name in tasks}  # fail early
     metrics, docs = {}, {}
+    protocols = {name: p for name in tasks
+                 if (p := task_protocol(*prepared[name])) is not None}
     for name in tasks:
         metrics[name], docs[name] = run_task(name, backend, **options, progress=progress,
                                              prepared=prepared[name])
@@ -157,13 +175,43 @@ def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
         earlier = None  # it scored other files (an earlier export): its tasks are stale
     if earlier is not None:  # other tasks of the same variant, evaluated before, are kept
         metrics, docs = {**earlier.metrics, **metrics}, {**earlier.docs, **docs}
+        protocols = {**{t: p for t, p in earlier.protocols.items() if t not in tasks},
+                     **protocols}
+        overlap = {**{t: o for t, o in earlier.overlap.items() if t not in tasks}, **overlap}
     result = VariantResult(model=label, backend=backend.name, metrics=metrics, docs=docs,
                            size_bytes=size_bytes, speed=speed or {},
                            seconds=time.perf_counter() - t, source=source,
-                           made_from=made_from or {})
+                           made_from=made_from or {}, protocols=protocols, overlap=overlap)
     atomic_write_json(run.file(EVAL_JSON),
                       EvalRecord(variants={**record.variants, label: result}))
     return result
+
+
+def check_overlap(name: str, run: RunDir, data_dir: Path | None,
+                  allow: bool) -> dict[str, int] | None:
+    """How many of perplexity task ``name``'s documents the run's calibration read (by the
+    digests in run.json); None when none did or there is nothing to compare.
+
+    Raises:
+        QuantcalError: some did and ``allow`` is False.
+    """
+    if name not in PERPLEXITY_TASKS or not run.has(RUN_JSON):
+        return None
+    source = run.read_run().data_source
+    if source is None or not source.digests:
+        return None
+    seen = set(source.digests)
+    docs = get_task(name).documents(data_dir)
+    hits = sum(doc_digest(d) in seen for d in docs)
+    if not hits:
+        return None
+    if not allow:
+        raise QuantcalError(
+            f"{name}: {hits} of its {len(docs)} documents were read by calibration ("
+            f"--data {run.read_run().config.data}, {source.path or source.split}); evaluate "
+            f"other text, calibrate on other text, or pass --allow-overlap to score them "
+            f"anyway (the overlap is recorded in eval.json)")
+    return {"documents": len(docs), "overlapping": hits}
 
 
 def read_eval(run: RunDir) -> EvalRecord:
@@ -195,4 +243,6 @@ def format_results(record: EvalRecord) -> str:
     sizes = " ".join(f"{record.variants[lbl].size_bytes / 1e6:>{width - 3}.1f} MB"
                      for lbl in labels)
     lines.append(f"{'size':10} {'':22} {sizes}")
+    lines += [f"{lbl}: {task} is {p}" for lbl in labels
+              for task, p in record.variants[lbl].protocols.items() if p != "lm-eval"]
     return "\n".join(lines)

@@ -11,36 +11,77 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantcal.config import Plan, RunRecord
+from quantcal.config import Plan, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError
 from quantcal.provenance import check_consistent, onnx_digests
-from quantcal.rundir import MODEL, PLAN, REPORT, RunDir, atomic_path, atomic_write_bytes
+from quantcal.rundir import (
+    MODEL, PLAN, REPORT, SENSITIVITY, RunDir, atomic_path, atomic_write_bytes, read_record,
+)
 from quantcal.txn import Stage
 
 ACCURACY_PNG = "accuracy_vs_size.png"
+
+
+def _predicted_damage(plan: Plan) -> str:
+    """The plan's damage, in the units its sensitivity has: KL (exact) or a proxy score."""
+    value = "n/a" if plan.kl_predicted is None else f"{plan.kl_predicted:.4g}"
+    measured = ("not measured" if plan.kl_measured is None else
+                f"{plan.kl_measured:.4g} nats/token, all layers quantized at once, on "
+                f"{plan.measure_windows} held-out windows none of which scored a layer")
+    if plan.predicted_by == "exact":
+        return (f"Whole-model KL to the FP model: predicted (sum of layer KLs, on "
+                f"{plan.score_windows} held-out windows) {value} nats/token; measured "
+                f"{measured}.")
+    return (f"Predicted damage: proxy score (Fisher, not KL) {value}, the sum of the layers' "
+            f"scores on {plan.score_windows} held-out windows. KL to the FP model measured "
+            f"{measured}.")
 
 
 def _plan_section(plan: Plan) -> list[str]:
     counts: dict[str, int] = {}
     for p in plan.layers.values():
         counts[p.format.name] = counts.get(p.format.name, 0) + 1
-    kl = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    head = (" A tied lm_head stored with the embedding table counts 0 bits."
+            if plan.totals.get("lm_head_shares_embedding") else "")
     lines = [
         "## Plan", "",
         f"Budget: `{plan.budget.kind}` = {plan.budget.value:g}. "
         f"Average {plan.totals.get('bits_per_weight', 0):.3f} bits per quantizable weight "
-        "(scales and zero points counted); predicted model size "
-        f"{plan.predicted_size_bytes / 1e6:.1f} MB.", "",
+        f"(scales and zero points counted).{head} Predicted model size: "
+        f"{plan.predicted_size_bytes / 1e6:.1f} MB exported for CUDA (`--provider cuda`, fp16), "
+        f"{plan.predicted_size_fp32_bytes / 1e6:.1f} MB for CPU (`--provider cpu`, the "
+        "unquantized parts and scales in fp32).", "",
         "| format | layers |", "| --- | ---: |",
         *[f"| {f} | {n} |" for f, n in sorted(counts.items())], "",
-        f"Whole-model KL to the FP model (nats/token): predicted (sum of layer scores) "
-        f"{kl(plan.kl_predicted)}, measured (all layers quantized at once) "
-        f"{kl(plan.kl_measured)}.", "",
+        _predicted_damage(plan), "",
         "Layers kept or forced by rules:", "",
     ]
     ruled = [(n, p) for n, p in plan.layers.items() if p.reason.startswith("rule")]
     lines += [f"- `{n}`: {p.format.name} ({p.reason})" for n, p in ruled] or ["- none"]
     return lines + [""]
+
+
+def _sensitivity_section(run: RunDir) -> list[str]:
+    """The plot, and how well the Fisher proxy ranks layers like the exact KL, per format."""
+    lines = ["## Layer sensitivity", ""]
+    if run.has(SENSITIVITY):
+        sens = read_record(run.file(SENSITIVITY), SensitivityRecord)
+        if sens.method == "fast":
+            lines += ["Scores are the Fisher proxy (fast), not KL.", ""]
+        if sens.spearman_per_format:
+            cell = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            lines += ["Fisher proxy against exact KL, Spearman rank correlation across "
+                      f"layers ({len(sens.scores)} layers, {sens.samples} held-out windows):",
+                      "", "| format | Spearman |", "| --- | ---: |",
+                      *[f"| {f} | {cell(v)} |" for f, v in sens.spearman_per_format.items()]]
+            if sens.spearman is not None:
+                lines.append(f"| pooled over formats (inflated by format alone) | "
+                             f"{sens.spearman:.3f} |")
+            lines.append("")
+    if run.has("sensitivity.png"):
+        lines += ["Damage of each candidate format per layer (model order); circles mark the "
+                  "plan's choice.", "", "![sensitivity](sensitivity.png)", ""]
+    return lines if len(lines) > 2 else []
 
 
 PRIMARY = {"hellaswag": "acc_norm", "gsm8k": "exact_match_flexible",
@@ -82,12 +123,36 @@ def _eval_section(run: RunDir, folder: Path) -> list[str]:
         lines.append(f"| speed | {name} | " + " | ".join(
             f"{record.variants[lbl].speed[key]:,.0f}" if key in record.variants[lbl].speed
             else "-" for lbl in labels) + " |")
-    docs = "; ".join(f"{t}: {n} docs" for t, n in next(iter(record.variants.values()))
-                     .docs.items())
-    lines += ["", f"Standard errors as lm-evaluation-harness computes them ({docs}).", ""]
+    lines += ["", *_error_notes(record), ""]
+    unlike = sorted({f"{t} is {p}" for v in record.variants.values()
+                     for t, p in v.protocols.items() if p != "lm-eval"})
+    if unlike:  # e.g. HellaSwag from the local file, whose ctx_b cannot be capitalised
+        lines += ["Not built exactly as lm-evaluation-harness: " + "; ".join(unlike) + ".", ""]
     if _plot_accuracy_vs_size(record, folder / ACCURACY_PNG):
         lines += [f"![accuracy vs size]({ACCURACY_PNG})", ""]
     return lines
+
+
+def _error_notes(record) -> list[str]:
+    """What each task counted (documents; perplexity: windows and tokens) and how its
+    standard errors were computed."""
+    from quantcal.evaluate.tasks.perplexity import STDERR_METHOD
+
+    first = next(iter(record.variants.values()))
+    units, ppl = [], False
+    for task, n in first.docs.items():
+        tokens = first.metrics.get(task, {}).get("scored_tokens")
+        if tokens is not None:
+            ppl = True
+            units.append(f"{task}: {n} windows, {tokens[0]:,.0f} scored tokens")
+        else:
+            units.append(f"{task}: {n} documents")
+    notes = [f"Counted: {'; '.join(units)}.", "",
+             "Standard errors: accuracies as lm-evaluation-harness computes them (sample "
+             "standard deviation over documents / sqrt(n))."]
+    if ppl:
+        notes[-1] += f" Perplexity: {STDERR_METHOD}."
+    return notes
 
 
 def _plot_accuracy_vs_size(record, path) -> bool:
@@ -144,10 +209,7 @@ def _write(run: RunDir, folder: Path) -> str:
              f"{', '.join(f.name for f in cfg.formats)}.", ""]
     if run.has(PLAN):
         lines += _plan_section(run.read_plan())
-    if run.has("sensitivity.png"):
-        lines += ["## Layer sensitivity", "",
-                  "Damage of each candidate format per layer (model order); circles mark the "
-                  "plan's choice.", "", "![sensitivity](sensitivity.png)", ""]
+    lines += _sensitivity_section(run)
     lines += _eval_section(run, folder)
     text = "\n".join(lines)
     atomic_write_bytes(folder / REPORT, text.encode())

@@ -81,7 +81,8 @@ def budget_options(f):
         click.option("--max-size", type=Size(),
                      help="Largest exported model size, e.g. 90MB or 1.2GB."),
         click.option("--max-kl", type=POSITIVE,
-                     help="Largest predicted whole-model KL (nats/token)."),
+                     help="Largest predicted whole-model KL (nats/token; exact sensitivity "
+                     "only)."),
         click.option("--keep", multiple=True, metavar="PATTERN",
                      help="Keep layers matching this glob in fp16 (repeatable), e.g. 'lm_head'."),
         click.option("--force", multiple=True, type=ForceRule(), metavar="PATTERN=FORMAT",
@@ -121,8 +122,10 @@ def cli(ctx: click.Context) -> None:
               default="auto", show_default=True,
               help="Dtype to run the model in; auto: float16 on CUDA, float32 on CPU.")
 @click.option("--data", default="c4", show_default=True,
-              help="Calibration text: c4, wikitext2, or a .txt/.json/.jsonl/.jsonl.gz/.parquet "
-              "file. Named sets load through `datasets`, or from $QUANTCAL_DATA_DIR.")
+              help="Calibration text: c4 (allenai/c4 en train, streamed), wikitext2 (train), "
+              "or a .txt/.json/.jsonl/.jsonl.gz/.parquet file. From $QUANTCAL_DATA_DIR, c4 "
+              "is the first half of the local sample (eval scores the second half). run.json "
+              "records the source and the documents used.")
 @click.option("--text-field", default="text", show_default=True,
               help="Field holding the text in json/jsonl/parquet files.")
 @click.option("--samples", type=COUNT, default=128, show_default=True,
@@ -152,13 +155,15 @@ def cli(ctx: click.Context) -> None:
               "(peak GPU memory: one block plus activations).")
 @click.option("--sensitivity", type=click.Choice(["exact", "fast"]), default="exact",
               show_default=True,
-              help="exact: KL of the next-token distribution with one layer quantized; "
-              "fast: a proxy from the statistics (no forward passes).")
+              help="exact: KL (nats/token) of the next-token distribution with one layer "
+              "quantized, one forward pass per held-out batch per layer (from its block on); "
+              "fast: a Fisher proxy score, not KL, from one forward and one backward pass "
+              "per held-out batch (no --max-kl).")
 @click.option("--no-sensitivity", is_flag=True,
               help="Stop after the qparams: no sensitivity.json and no plan.json.")
 @click.option("--sensitivity-samples", type=COUNT, default=32, show_default=True,
-              help="Held-out windows (not used for calibration) for the sensitivity scores "
-              "and the plan's measured KL.")
+              help="Held-out windows (not used for calibration) that score the layers; as "
+              "many others (twice this held out in all) measure the plan's KL.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Run Python code shipped in the model folder or repository (auto_map in "
               "config.json); only for models whose source you trust.")
@@ -200,11 +205,15 @@ def calibrate(**opts) -> None:
 def _plan_summary(plan) -> str:
     counts = ", ".join(f"{int(v)} {k.removeprefix('layers_')}" for k, v in plan.totals.items()
                        if k.startswith("layers_"))
-    kl = "" if plan.kl_measured is None else (
-        f"; KL predicted {plan.kl_predicted:.4g}, measured {plan.kl_measured:.4g} nats/token")
+    predicted = (f"KL predicted {plan.kl_predicted:.4g} nats/token" if plan.predicted_by ==
+                 "exact" else f"proxy score {plan.kl_predicted:.4g} (Fisher, not KL)")
+    kl = f"; {predicted}" + ("" if plan.kl_measured is None else (
+        f", KL measured {plan.kl_measured:.4g} nats/token on {plan.measure_windows} held-out "
+        "windows that scored nothing"))
     return (f"plan ({plan.budget.kind} {plan.budget.value:g}): {counts}; "
-            f"{plan.totals['bits_per_weight']:.3f} bits/weight, "
-            f"{plan.predicted_size_bytes / 1e6:.1f} MB predicted{kl}")
+            f"{plan.totals['bits_per_weight']:.3f} bits/weight, predicted size "
+            f"{plan.predicted_size_bytes / 1e6:.1f} MB (fp16, --provider cuda) / "
+            f"{plan.predicted_size_fp32_bytes / 1e6:.1f} MB (fp32, --provider cpu){kl}")
 
 
 @cli.command()
@@ -214,6 +223,8 @@ def _plan_summary(plan) -> str:
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="Measure the new plan's whole-model KL on the held-out windows (loads "
               "the model again).")
+@click.option("--data", help="Where to read the held-out windows for --measure (default: "
+              "the source run.json records, e.g. when the data folder has moved).")
 @run_option
 def plan(**opts) -> None:
     """Choose a format per layer under a budget, from an existing run directory.
@@ -229,7 +240,7 @@ def plan(**opts) -> None:
     budget = budget_from_options(opts["target_bits"], opts["max_size"], opts["max_kl"])
     new = replan(RunDir(opts["run"]), budget=budget,
                  rules=Rules.parse(opts["keep"], opts["force"]), output=opts["output"],
-                 measure=opts["measure"])
+                 measure=opts["measure"], data=opts["data"])
     click.echo(_plan_summary(new))
 
 
@@ -308,6 +319,9 @@ def generate(**opts) -> None:
               help="Also evaluate the source FP model (torch) the same way, side by side.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local folder laid out like shared/data (or set $QUANTCAL_DATA_DIR).")
+@click.option("--allow-overlap", is_flag=True,
+              help="Score perplexity text that calibration read (refused by default); "
+              "eval.json records how many documents overlap.")
 @run_option
 def eval_(**opts) -> None:
     """Score a model on HellaSwag, GSM8K and perplexity; write eval.json.
@@ -330,7 +344,8 @@ def eval_(**opts) -> None:
                       sample=opts["sample"], seed=opts["seed"], provider=opts["provider"],
                       data_dir=opts["data_dir"], baseline=opts["baseline"],
                       device=opts["device"], batch_size=opts["batch_size"],
-                      seq_len=opts["seq_len"], stride=opts["stride"])
+                      seq_len=opts["seq_len"], stride=opts["stride"],
+                      allow_overlap=opts["allow_overlap"])
     click.echo(format_results(record))
 
 

@@ -173,6 +173,24 @@ class LayerInfo(Strict):
 
 
 @dataclass(frozen=True)
+class DataSource(Strict):
+    """The calibration text, exactly: a named corpus (``c4``, ``wikitext2``) or a user's
+    path, the split, the local file read (absolute) or the hub's ``load_dataset``
+    arguments, the part of a local file the stage reads (documents ``first_doc`` to
+    ``first_doc + docs_read``, in the file's order) and the sha256 (16 hex digits) of each
+    document whose tokens entered a calibration or held-out window."""
+
+    name: str
+    split: str = ""
+    path: str = ""  # the local file read; "" when read from the hub
+    hub: dict[str, Any] = field(default_factory=dict)
+    text_field: str = "text"
+    first_doc: int = 0
+    docs_read: int = 0
+    digests: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class RunRecord(Strict):
     """``run.json``: the calibration's config, the model's layers, versions and timings."""
 
@@ -187,6 +205,7 @@ class RunRecord(Strict):
     created: str = ""
     model_files: dict[str, str] = field(default_factory=dict)  # sha256 of config + weights
     files: dict[str, str] = field(default_factory=dict)  # sha256 of stats and qparams written
+    data_source: DataSource | None = None  # the calibration text and the documents used
 
 
 SENSITIVITY_METHODS = ("exact", "fast")
@@ -199,7 +218,10 @@ class SensitivityRecord(Strict):
     ``scores[layer][format]`` is the mean KL (nats/token) of the model's next-token
     distribution from the FP model's when only that layer is quantized (``exact``), or the
     proxy's estimate (``fast``). ``proxy`` holds the fast proxy's scores when both were
-    computed, and ``spearman`` their rank correlation with the exact scores.
+    computed, and ``spearman_per_format`` their rank correlation with the exact scores
+    across layers, per format (``spearman`` pools all formats, which the format's bits
+    alone inflate). ``samples`` held-out windows scored; the plan's KL is measured on
+    ``measure_samples`` others.
     """
 
     versioned: ClassVar[bool] = True
@@ -210,7 +232,9 @@ class SensitivityRecord(Strict):
     samples: int = 0
     seq_len: int = 0
     proxy: dict[str, dict[str, float]] = field(default_factory=dict)
-    spearman: float | None = None
+    spearman: float | None = None  # pooled over formats: inflated by "int4 > int8"
+    spearman_per_format: dict[str, float | None] = field(default_factory=dict)  # across layers
+    measure_samples: int = 0  # further held-out windows, apart from these, for kl_measured
     timings: dict[str, float] = field(default_factory=dict)
     made_from: dict[str, str] = field(default_factory=dict)  # sha256 of the qparams scored
 
@@ -256,7 +280,11 @@ class Plan(Strict):
     layers: dict[str, LayerPlan]
     budget: Budget = field(default_factory=Budget)
     totals: dict[str, float] = field(default_factory=dict)
-    predicted_size_bytes: int = 0
+    predicted_size_bytes: int = 0  # the fp16 export (--provider cuda)
+    predicted_size_fp32_bytes: int = 0  # the fp32 export (--provider cpu): floats doubled
     kl_predicted: float | None = None  # sum of the layers' scores
     kl_measured: float | None = None  # the whole plan applied at once, on held-out windows
+    predicted_by: str = "exact"  # the sensitivity summed in kl_predicted: exact (KL) or fast
+    score_windows: int = 0  # held-out windows the layers were scored on
+    measure_windows: int = 0  # other held-out windows kl_measured was measured on
     made_from: dict[str, str] = field(default_factory=dict)  # sha256 of the qparams planned

@@ -1,14 +1,14 @@
 """Where task documents come from: a local folder laid out like ``shared/data``
 (``data_dir``, else ``$QUANTCAL_DATA_DIR``), else the Hugging Face hub through
-``datasets``. Reads .jsonl, .jsonl.gz, .parquet and raw text files; writes nothing. A
-failure the user can fix (no such folder, hub offline or unreachable) is a QuantcalError
-that says to pass --data-dir or set $QUANTCAL_DATA_DIR.
+``datasets``. Reads .jsonl, .jsonl.gz, .parquet and raw WikiText files (as the hub's rows,
+joined) through :mod:`quantcal.textdata`; writes nothing. The perplexity corpora are opened
+by :mod:`quantcal.textdata` itself, which calibration shares. A failure the user can fix
+(no such folder, hub offline or unreachable) is a QuantcalError that says to pass
+--data-dir or set $QUANTCAL_DATA_DIR.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 
 from quantcal.datadir import DATA_DIR_ENV, find_local, hub_access
 from quantcal.errors import QuantcalError
-
+from quantcal.textdata import read_local
 
 
 @dataclass(frozen=True)
@@ -33,23 +33,7 @@ def load_rows(source: Source, data_dir: Path | None = None) -> list[dict]:
     """All rows of ``source``, from ``data_dir`` (or $QUANTCAL_DATA_DIR) when it holds one of
     its files, else from the hub; a user-fixable failure is a QuantcalError."""
     path, missing = find_local(source.local, data_dir, "--data-dir")
-    return _read_local(path) if path is not None else _hub_rows(source, missing)
-
-
-def _read_local(path: Path) -> list[dict]:
-    name = path.name
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if name.endswith((".raw", ".txt")):  # one document: the whole file, LF line ends
-        return [{"text": path.read_bytes().decode("utf-8").replace("\r\n", "\n")}]
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        try:
-            return [json.loads(line) for line in f if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise QuantcalError(f"{path} is not JSON lines ({exc}); replace the file") from exc
+    return read_local(path) if path is not None else _hub_rows(source, missing)
 
 
 def _hub_rows(source: Source, missing: str) -> list[dict]:

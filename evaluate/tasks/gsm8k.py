@@ -116,3 +116,9 @@ class GSM8K:
 
     def aggregate(self, per_doc):
         return mean_metrics(per_doc)
+
+    def protocol(self, docs: Sequence[Gsm8kDoc]) -> str:
+        """How ``docs`` were built: lm-eval's ``gsm8k`` prompt, or how this one differs."""
+        if self.num_fewshot == 5 and self.fewshot_seed == 1234:
+            return "lm-eval"
+        return f"lm-eval-like: {self.num_fewshot}-shot, fewshot seed {self.fewshot_seed}"

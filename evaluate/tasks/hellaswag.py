@@ -1,6 +1,12 @@
 """HellaSwag validation, 0-shot, as lm-evaluation-harness's ``hellaswag`` task: the
 WikiHow cleanup, one log-likelihood request per ending, acc and acc_norm.
 
+Rows with the hub's fields (``Rowan/hellaswag``: ``ctx_a``, ``ctx_b``) are built exactly as
+lm-eval's ``process_docs``. The local llama.cpp-derived file holds ``ctx`` only, so
+``ctx_b`` cannot be capitalised: those documents are "lm-eval-like" (same cleanup and
+scoring, the query's last fragment left in lower case) and :meth:`HellaSwag.protocol` says
+so, for ``eval.json`` and the report.
+
 Reads the split through :mod:`.data`; writes nothing.
 """
 
@@ -27,17 +33,25 @@ class HellaswagDoc:
     query: str
     choices: tuple[str, ...]
     gold: int
+    exact: bool = True  # False: no ctx_a/ctx_b, so ctx_b is not capitalised (lm-eval-like)
 
 
 def hellaswag_doc(row: Mapping[str, Any]) -> HellaswagDoc:
-    """A document from a hub/original row (``ctx_a``, ``ctx_b``: lm-eval's process_docs) or
-    from the llama.cpp-derived local row (``ctx``: already preprocessed, used as given)."""
+    """A document from a hub/original row (``ctx_a``, ``ctx_b``: lm-eval's process_docs,
+    character for character) or from the llama.cpp-derived local row (``ctx`` = ``ctx_a +
+    " " + ctx_b`` with ``ctx_b`` not capitalised: the same cleanup of the whole, so only that
+    capital differs from lm-eval; ``exact`` is False)."""
     if "ctx_a" in row:
-        ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-        return HellaswagDoc(preprocess(row["activity_label"] + ": " + ctx),
-                            tuple(preprocess(e) for e in row["endings"]), int(row["label"]))
-    return HellaswagDoc(row["activity_label"] + ": " + row["ctx"], tuple(row["endings"]),
-                        int(row["label"]))
+        ctx, exact = row["ctx_a"] + " " + row["ctx_b"].capitalize(), True
+    else:
+        ctx, exact = row["ctx"], False
+    return HellaswagDoc(preprocess(row["activity_label"] + ": " + ctx),
+                        tuple(preprocess(e) for e in row["endings"]), int(row["label"]), exact)
+
+
+LM_EVAL = "lm-eval"
+LM_EVAL_LIKE = ("lm-eval-like: local file without ctx_a/ctx_b, so ctx_b is not capitalised "
+                "as lm-eval does")
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -72,3 +86,7 @@ class HellaSwag:
 
     def aggregate(self, per_doc):
         return mean_metrics(per_doc)
+
+    def protocol(self, docs: Sequence[HellaswagDoc]) -> str:
+        """How ``docs`` were built: "lm-eval", or "lm-eval-like: ..." if any was not."""
+        return LM_EVAL if all(d.exact for d in docs) else LM_EVAL_LIKE

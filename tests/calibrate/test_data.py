@@ -20,8 +20,10 @@ import torch
 from quantcal.calibrate import data
 from quantcal.calibrate.data import (
     calibration_windows, iter_texts, load_calibration_data, load_texts, pick_windows,
-    token_stream, tokens_to_read,
+    read_calibration, recorded_windows, token_stream, tokens_to_read,
 )
+from quantcal.config import CalibrateConfig, RunRecord
+from quantcal.textdata import doc_digest, wiki_rows
 from quantcal.errors import QuantcalError
 
 DOCS = ["The first document.\nIt has two lines.", "A second one.", "Third, and last."]
@@ -123,10 +125,70 @@ def test_real_data_through_env(shared_data, c4_texts, monkeypatch):
 
 
 def test_real_wikitext2_crlf_normalised(shared_data):
-    (text,) = load_texts("wikitext2", data_dir=shared_data)
+    (text,) = load_texts("wikitext2", data_dir=shared_data)  # no train file: test, recorded
     assert "\r" not in text
-    assert text.startswith(" = Robert Boulter = \n Robert Boulter is an English film")
-    assert text.count("\n") == 2891
+    assert text.startswith(" = Robert Boulter = \n\n\n Robert Boulter is an English film")
+    assert text.count("\n") == 2891 + 2 * 2890  # this copy has no blank lines: 2891 rows
+
+
+def test_wiki_rows_follow_the_hub_builder():
+    # The `wikitext` builder reads the raw file with universal newlines; each line is a row,
+    # kept with its newline unless blank (or all spaces), which becomes "".
+    raw = b" \r\n = Title = \r\n \r\n First line .\r\n Second line .\r\n\r\n = = Sub = = \r\n last"
+    rows = ["", " = Title = \n", "", " First line .\n", " Second line .\n", "",
+            " = = Sub = = \n", " last"]
+    assert wiki_rows(raw) == rows
+    assert wiki_rows(raw.replace(b"\r\n", b"\n")) == rows
+    assert "\n\n".join(wiki_rows(raw)) == (
+        "\n\n = Title = \n\n\n\n\n First line .\n\n\n Second line .\n\n\n\n\n"
+        " = = Sub = = \n\n\n last")
+
+
+def test_local_wikitext2_is_the_hub_text(tmp_path):
+    folder = tmp_path / "wikitext2"
+    folder.mkdir()
+    (folder / "wiki.train.raw").write_bytes(b" \r\n = A = \r\n \r\n Body .\r\n")
+    source, texts = data._open("wikitext2", "text", tmp_path)
+    assert list(texts) == ["\n\n = A = \n\n\n\n\n Body .\n"]
+    assert (source.split, source.path) == ("train", str((folder / "wiki.train.raw").resolve()))
+
+
+def test_local_c4_calibrates_on_its_first_half(shared_data, c4_texts):
+    source, texts = data._open("c4", "text", shared_data)
+    assert list(texts) == c4_texts[:1000]
+    assert (source.first_doc, source.docs_read, source.split) == (0, 1000, "train")
+    assert source.path.endswith("c4_validation_2k.jsonl.gz") and not source.hub
+
+
+def test_read_calibration_records_the_documents_it_used(c4_texts, tiny_tokenizer, tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in c4_texts[:30]])
+    calib, held, source = read_calibration(str(path), tiny_tokenizer, seq_len=64, samples=4,
+                                           seed=3, holdout=2)
+    assert source.path == str(path.resolve()) and source.name == str(path)
+    owner = []  # brute force: the document of every token of the stream, -1 for eos
+    for i, text in enumerate(c4_texts[:30]):
+        owner += ([-1] if owner else []) + [i] * len(tiny_tokenizer(text)["input_ids"])
+    stream = token_stream(c4_texts[:30], tiny_tokenizer)
+    docs = set()
+    for window in torch.cat([calib, held]):
+        w = _window_index(window[None], stream, 64)[0]
+        docs.update(d for d in owner[w * 64:(w + 1) * 64] if d >= 0)
+    assert source.digests == [doc_digest(c4_texts[i]) for i in sorted(docs)]
+
+
+def test_recorded_windows_need_no_data_folder(shared_data, tiny_tokenizer, monkeypatch):
+    kw = dict(seq_len=32, samples=4, holdout=2, seed=1)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(shared_data))
+    calib, held, source = read_calibration("c4", tiny_tokenizer, **kw)
+    monkeypatch.delenv(data.DATA_DIR_ENV)  # a new shell
+    config = CalibrateConfig(model="m", data="c4", samples=4, seq_len=32, seed=1,
+                             sensitivity_samples=2)
+    record = RunRecord(config=config, data_source=source)
+    again, held_again = recorded_windows(record, tiny_tokenizer, holdout=2)
+    assert torch.equal(again, calib) and torch.equal(held_again, held)
+    named = recorded_windows(record, tiny_tokenizer, holdout=2,
+                             data=str(shared_data / "c4" / "c4_validation_2k.parquet"))
+    assert named[0].shape == calib.shape
 
 
 # ---------------------------------------------------------------- windows

@@ -158,3 +158,95 @@ def test_report_shows_plan_and_sensitivity(planned_run):
 def test_report_without_a_run_is_one_line(tmp_path):
     res = CliRunner().invoke(cli, ["report", "--run", str(tmp_path / "none")])
     assert res.exit_code == 2 and "quantcal calibrate" in res.output
+
+
+def test_plan_kl_is_measured_on_windows_that_scored_nothing(planned_run, tiny_llama_dir):
+    """Scoring takes the first --sensitivity-samples held-out windows, the measurement as
+    many others: kl_measured equals the whole-plan KL on those (an independent recompute),
+    not on the windows the plan was optimised on."""
+    import torch
+
+    from quantcal.calibrate.data import load_calibration_data
+    from quantcal.calibrate.plans import plan_kl
+    from quantcal.calibrate.qparams import QPARAMS_KIND
+    from quantcal.models import load_model
+    from quantcal.rundir import QPARAMS
+
+    sens = read_record(planned_run.file(SENSITIVITY), SensitivityRecord)
+    plan, cfg = planned_run.read_plan(), planned_run.read_run().config
+    model, tok = load_model(str(tiny_llama_dir), dtype=torch.float32, device="cpu")
+    calib, held = load_calibration_data(cfg.data, tok, seq_len=cfg.seq_len, samples=cfg.samples,
+                                        seed=cfg.seed, holdout=6)
+    assert not any(bool((calib == w).all(-1).any()) for w in held)  # none calibrated
+    qparams, _ = planned_run.load_tensors(QPARAMS, QPARAMS_KIND)
+    kl = {part: plan_kl(model, plan, qparams, windows, batch_size=3, device=torch.device("cpu"))
+          for part, windows in (("scored", held[:3]), ("apart", held[3:]))}
+    assert plan.kl_measured == pytest.approx(kl["apart"], rel=1e-5)
+    assert abs(kl["scored"] - kl["apart"]) > 1e-4 * kl["apart"]
+    assert (sens.samples, sens.measure_samples) == (3, 3)  # both counts recorded
+    assert (plan.score_windows, plan.measure_windows) == (3, 3)
+
+
+def test_proxy_rank_agreement_is_per_format(planned_run):
+    """sensitivity.json holds the Fisher proxy's Spearman per format across layers (the
+    pooled figure, which "int4 hurts more than int8" inflates, only labelled as pooled),
+    equal to scipy's on the stored scores; the report shows both."""
+    from scipy.stats import spearmanr
+
+    sens = read_record(planned_run.file(SENSITIVITY), SensitivityRecord)
+    assert set(sens.spearman_per_format) == {"int8", "int4-g64", "int4-g32"}
+    for fmt, rho in sens.spearman_per_format.items():
+        names = list(sens.scores)
+        ref = spearmanr([sens.scores[n][fmt] for n in names],
+                        [sens.proxy[n][fmt] for n in names]).statistic
+        assert rho == pytest.approx(float(ref), abs=1e-12), fmt
+    res = CliRunner().invoke(cli, ["report", "--run", str(planned_run.path)])
+    assert res.exit_code == 0, res.output
+    text = planned_run.file("report.md").read_text()
+    for fmt, rho in sens.spearman_per_format.items():
+        assert f"| {fmt} | {rho:.3f} |" in text
+    assert f"| pooled over formats (inflated by format alone) | {sens.spearman:.3f} |" in text
+
+
+def test_fast_sensitivity_is_labelled_a_proxy(tiny_llama_dir, shared_data, tmp_path):
+    """--sensitivity fast says what it runs (a forward and a backward pass), and neither
+    the summary line nor the report calls its score a KL."""
+    help_text = " ".join(CliRunner().invoke(cli, ["calibrate", "--help"]).output.split())
+    assert "no forward passes" not in help_text
+    assert "one forward and one backward pass" in help_text
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, [
+        "calibrate", "--model", str(tiny_llama_dir), "--data",
+        str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4", "--seq-len",
+        "32", "--batch-size", "3", "--sensitivity-samples", "2", "--formats", "int8,int4-g32",
+        "--sensitivity", "fast", "--target-bits", "10", "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    summary = res.output.strip().splitlines()[-1]
+    assert "proxy score" in summary and "(Fisher, not KL)" in summary
+    assert "KL predicted" not in summary and "KL measured" in summary
+    plan = RunDir(run).read_plan()
+    assert plan.predicted_by == "fast" and plan.measure_windows == 2
+    assert CliRunner().invoke(cli, ["report", "--run", str(run)]).exit_code == 0
+    text = (run / "report.md").read_text()
+    assert "proxy score (Fisher, not KL)" in text and "Whole-model KL" not in text
+
+
+def test_plan_measures_in_a_new_shell_without_the_data_folder(tmp_path, tiny_llama_dir,
+                                                              shared_data, monkeypatch):
+    """Calibrated on a named set from $QUANTCAL_DATA_DIR; in a new shell without it,
+    `quantcal plan` re-measures from the source run.json recorded, and `--data` names
+    another source when the recorded one is gone."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("QUANTCAL_DATA_DIR", str(shared_data))
+    res = CliRunner().invoke(cli, [
+        "calibrate", "--model", str(tiny_llama_dir), "--data", "c4", "--samples", "4",
+        "--seq-len", "32", "--batch-size", "2", "--sensitivity-samples", "2", "--formats",
+        "int8,int4-g32", "--target-bits", "10", "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    monkeypatch.delenv("QUANTCAL_DATA_DIR")
+    res = CliRunner().invoke(cli, ["plan", "--run", str(run), "--target-bits", "8"])
+    assert res.exit_code == 0, res.output
+    assert RunDir(run).read_plan().kl_measured is not None
+    res = CliRunner().invoke(cli, ["plan", "--run", str(run), "--target-bits", "9", "--data",
+                                   str(shared_data / "c4" / "c4_validation_2k.jsonl.gz")])
+    assert res.exit_code == 0, res.output

@@ -162,3 +162,41 @@ def test_plan_size_counts_the_embedding_and_a_tied_head_once(tied, emb, head, sh
     sized = make_plan(record, sens, Budget("max_size", float(plan.predicted_size_bytes)),
                       Rules.parse((), force))
     assert sized.predicted_size_bytes <= plan.predicted_size_bytes
+
+
+def _tied_qwen2_record():
+    from quantcal.calibrate.api import _outside_bytes
+    from quantcal.models import quantizable_layers
+    from tinymodels import build_tiny_model
+
+    model = build_tiny_model("qwen2")  # its config ties the embeddings
+    layers = quantizable_layers(model)
+    record = RunRecord(config=CalibrateConfig(model="m", formats=(Int8(), Int4(32))),
+                       layers=layers, **_outside_bytes(model, layers))
+    assert record.tied_lm_head
+    sens = SensitivityRecord("exact", record.config.formats, {
+        n: {"int8": 0.01, "int4-g32": 0.1} for n, i in layers.items() if i.kind != "embedding"})
+    return record, sens
+
+
+@pytest.mark.parametrize("budget", [Budget("target_bits", 4.5), Budget("max_size", None),
+                                    Budget("max_kl", 0.5)], ids=lambda b: b.kind)
+def test_tied_fp16_head_is_free_under_every_budget(budget):
+    """A tied fp16 lm_head is the embedding table: it costs 0 bits and 0 bytes, so no
+    budget quantizes it to "save" room (that would store the table and an int4 head)."""
+    record, sens = _tied_qwen2_record()
+    if budget.kind == "max_size":  # all int4 but the head, which is free
+        body = sum(Int4(32).weight_bytes(i.out_features, i.in_features)
+                   for n, i in record.layers.items() if i.kind == "linear" and n != "lm_head")
+        budget = Budget("max_size", float(body + record.other_param_bytes))
+    plan = make_plan(record, sens, budget, Rules())
+    assert plan.layers["lm_head"].format == FP16()
+    body = {n: p for n, p in plan.layers.items() if n != "lm_head"}
+    weights = sum(record.layers[n].in_features * record.layers[n].out_features
+                  for n in plan.layers)
+    assert plan.totals["bits_per_weight"] == pytest.approx(
+        8 * sum(p.bytes for p in body.values()) / weights)  # the head counted as 0 bits
+    assert plan.predicted_size_bytes == (sum(p.bytes for p in body.values())
+                                         + record.other_param_bytes)
+    if budget.kind == "target_bits":
+        assert plan.totals["bits_per_weight"] <= 4.5

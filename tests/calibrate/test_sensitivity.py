@@ -12,6 +12,7 @@ from quantcal.calibrate.qparams import compute_qparams
 from quantcal.calibrate.sensitivity import (
     exact_sensitivity, output_fisher, proxy_sensitivity, spearman,
 )
+from quantcal.calibrate import sensitivity
 from quantcal.fakequant import act_qparams, fake_quant_module, layer_qparams, swapped
 from quantcal.formats import W8A8, Int4, Int8
 from quantcal.models import quantizable_layers, weight_matrix
@@ -73,3 +74,24 @@ def test_fisher_proxy_ranks_like_exact(family):
     proxy = proxy_sensitivity(weights, stats, FORMATS[:2], qparams, fisher)
     rho = spearman(exact, proxy)
     assert rho > 0.7, rho
+
+
+def test_rank_agreement_per_format_is_not_inflated_by_the_formats():
+    """A proxy that ranks the layers backwards within each format still ranks int4 above
+    int8: pooled, Spearman reads high; per format, across layers, it reads -1."""
+    from scipy.stats import spearmanr
+
+    layers = [f"model.layers.{i}.mlp.up_proj" for i in range(6)]
+    exact = {n: {"int8": 0.01 * (i + 1), "int4-g32": 1.0 * (i + 1)} for i, n in enumerate(layers)}
+    proxy = {n: {"int8": 0.01 * (6 - i), "int4-g32": 1.0 * (6 - i)} for i, n in enumerate(layers)}
+    assert spearman(exact, proxy) > 0.5  # pooled: the format alone
+    per = sensitivity.spearman_per_format(exact, proxy)
+    assert per == {"int8": pytest.approx(-1.0), "int4-g32": pytest.approx(-1.0)}
+    rng = torch.Generator().manual_seed(0)
+    noisy = {n: {f: v * float(torch.rand((), generator=rng) + 0.5) for f, v in s.items()}
+             for n, s in exact.items()}
+    for fmt, rho in sensitivity.spearman_per_format(exact, noisy).items():
+        ref = spearmanr([exact[n][fmt] for n in layers], [noisy[n][fmt] for n in layers])
+        assert rho == pytest.approx(float(ref.statistic), abs=1e-12)
+    flat = {n: {"int8": 0.5} for n in layers}  # a constant score has no rank correlation
+    assert sensitivity.spearman_per_format(flat, flat) == {"int8": None}

@@ -1,6 +1,7 @@
-"""Tests for quantcal.evaluate.tasks: lm-eval's HellaSwag preprocessing and acc/acc_norm,
-GSM8K's few-shot sampler, prompt and answer filters, standard errors, perplexity windows,
-document selection, the real shared/data files and the offline-hub error.
+"""Tests for quantcal.evaluate.tasks: lm-eval's HellaSwag preprocessing and acc/acc_norm
+(hub rows exact, local rows lm-eval-like), GSM8K's few-shot sampler, prompt and answer
+filters, standard errors, perplexity windows, document selection, the real shared/data
+files and the offline-hub error. test_lm_eval_golden.py compares with lm-eval's output.
 
 CPU only, no network: conftest forces the hub offline.
 """
@@ -63,10 +64,23 @@ def test_hub_row_is_processed_like_lm_eval():
     assert doc.gold == 1
 
 
-def test_local_row_is_used_as_given():
+def test_local_row_gets_the_same_cleanup_but_no_capital():
+    # the local file has ctx = ctx_a + " " + ctx_b only: lm-eval's cleanup applies to the
+    # whole (the file still holds some [bracketed] text), but ctx_b ("he") stays lower case
     row = {"idx": 0, "activity_label": "Roofing", "ctx": "A man [title] is. he",
-           "endings": ["x  y", "z"], "label": 0}
-    assert hellaswag_doc(row) == HellaswagDoc("Roofing: A man [title] is. he", ("x  y", "z"), 0)
+           "endings": ["x  y", "see [www.example.org] now"], "label": 0}
+    assert hellaswag_doc(row) == HellaswagDoc("Roofing: A man. is. he", ("x y", "see now"), 0,
+                                              exact=False)
+    hub = dict(row, ctx_a="A man [title] is.", ctx_b="he")
+    assert hellaswag_doc(hub) == HellaswagDoc("Roofing: A man. is. He", ("x y", "see now"), 0)
+
+
+def test_protocol_labels_local_documents_lm_eval_like():
+    exact, local = HellaswagDoc("q", ("a",), 0), HellaswagDoc("q", ("a",), 0, exact=False)
+    assert HellaSwag().protocol([exact, exact]) == "lm-eval"
+    assert HellaSwag().protocol([exact, local]).startswith("lm-eval-like: ")
+    assert GSM8K().protocol([]) == "lm-eval"
+    assert GSM8K(num_fewshot=0).protocol([]).startswith("lm-eval-like: 0-shot")
 
 
 def test_requests_prefix_a_space():
@@ -257,15 +271,16 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     per_doc = [task.score(w, [w.n_scored * math.log(50)]) for w in windows]
     m = task.aggregate(per_doc)
     assert m["perplexity"].value == pytest.approx(50.0)
-    assert m["perplexity"].stderr is None
+    assert m["perplexity"].stderr == pytest.approx(0.0, abs=1e-9)  # every window alike
     assert m["scored_tokens"].value == 499
 
 
 def test_wikitext_local_file(shared_data, tiny_tokenizer):
     task = get_task("wikitext2", seq_len=512, stride=256)
     windows = task.load(shared_data, tokenizer=tiny_tokenizer)
-    text = (shared_data / "wikitext2" / "wiki.test.raw").read_bytes().decode().replace(
-        "\r\n", "\n")
+    lines = (shared_data / "wikitext2" / "wiki.test.raw").read_bytes().decode().split("\r\n")
+    assert lines.pop() == "" and all(line.strip() for line in lines)  # this copy: no blanks
+    text = "\n\n".join(line + "\n" for line in lines)  # the hub's rows, joined
     ids = tiny_tokenizer(text)["input_ids"]
     assert windows[0].input_ids == ids[:512]
     assert sum(w.n_scored for w in windows) == len(ids) - 1
@@ -274,7 +289,7 @@ def test_wikitext_local_file(shared_data, tiny_tokenizer):
 def test_c4_local_file_joins_documents(shared_data, c4_texts):
     windows = get_task("c4", seq_len=4096, stride=4096).load(shared_data, limit=1,
                                                              tokenizer=char_tokenizer)
-    expected = "\n\n".join(c4_texts)[:4096]
+    expected = "\n\n".join(c4_texts[1000:])[:4096]  # the second half: calibration has the first
     assert "".join(map(chr, windows[0].input_ids)) == expected
     with pytest.raises(ValueError, match="tokenizer"):
         get_task("c4").load(shared_data)
@@ -289,7 +304,14 @@ def test_real_hellaswag(shared_data):
     assert docs[0] == HellaswagDoc(
         "Roof shingle removal: A man is sitting on a roof. he",
         ("is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-         "is holding a rubik's cube.", "starts pulling up roofing on a roof."), 3)
+         "is holding a rubik's cube.", "starts pulling up roofing on a roof."), 3,
+        exact=False)  # lm-eval, from ctx_a/ctx_b, would end the query "... roof. He"
+    assert TASKS["hellaswag"].protocol(docs).startswith("lm-eval-like")
+    # the file's leftover [bracketed] text is removed as lm-eval removes it
+    assert docs[3505].query.endswith("Visit a site like to find loads of creative activities "
+                                     "for toddlers and preschoolers.. Choose small, simple "
+                                     "games like candy land or chutes and ladders.")
+    assert not any("[" in c and "]" in c for d in docs for c in d.choices)
     assert [sum(d.gold == k for d in docs) for k in range(4)] == [2515, 2485, 2584, 2458]
 
 
