@@ -119,8 +119,9 @@ def prepare_task(name: str, backend, *, data_dir: Path | None, limit: int | None
 
 
 def task_protocol(task, docs: Sequence) -> str | None:
-    """How ``docs`` of ``task`` were built ("lm-eval", "lm-eval-like: ..."), for tasks that
-    follow lm-evaluation-harness; None for the others (perplexity)."""
+    """How ``docs`` of ``task`` were built and scored: "lm-eval" or "lm-eval-like: ..." for
+    tasks that follow lm-evaluation-harness; perplexity names its windows and its standard
+    error's method."""
     describe = getattr(task, "protocol", None)
     return describe(docs) if describe is not None else None
 
@@ -244,5 +245,6 @@ def format_results(record: EvalRecord) -> str:
                      for lbl in labels)
     lines.append(f"{'size':10} {'':22} {sizes}")
     lines += [f"{lbl}: {task} is {p}" for lbl in labels
-              for task, p in record.variants[lbl].protocols.items() if p != "lm-eval"]
+              for task, p in record.variants[lbl].protocols.items()
+              if p.startswith("lm-eval-like")]
     return "\n".join(lines)

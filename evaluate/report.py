@@ -125,7 +125,7 @@ def _eval_section(run: RunDir, folder: Path) -> list[str]:
             else "-" for lbl in labels) + " |")
     lines += ["", *_error_notes(record), ""]
     unlike = sorted({f"{t} is {p}" for v in record.variants.values()
-                     for t, p in v.protocols.items() if p != "lm-eval"})
+                     for t, p in v.protocols.items() if p.startswith("lm-eval-like")})
     if unlike:  # e.g. HellaSwag from the local file, whose ctx_b cannot be capitalised
         lines += ["Not built exactly as lm-evaluation-harness: " + "; ".join(unlike) + ".", ""]
     if _plot_accuracy_vs_size(record, folder / ACCURACY_PNG):

@@ -66,6 +66,10 @@ class Perplexity:
         _, docs = open_corpus(self.name, EVALUATION, data_dir, remedy="pass --data-dir DIR")
         return list(docs)
 
+    def protocol(self, docs: Sequence[PerplexityWindow]) -> str:
+        """What eval.json records of how the figure was made."""
+        return f"perplexity over {len(docs)} windows; standard error: {STDERR_METHOD}"
+
     def requests(self, doc: PerplexityWindow) -> list[PerplexityWindow]:
         return [doc]
 

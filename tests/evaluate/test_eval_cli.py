@@ -41,6 +41,7 @@ def test_eval_onnx_and_baseline_agree(exported, shared_data):
     ppl = [v.metrics["wikitext2"]["perplexity"][0] for v in (onnx, torch_)]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-3)
     assert onnx.docs["hellaswag"] == 6 and onnx.speed["decode_tok_s"] > 0
+    assert "delta method" in onnx.protocols["wikitext2"]  # how its stderr was made
     _ok(["report", "--run", str(exported.path)])
     text = exported.file("report.md").read_text()
     assert "## Accuracy, size and speed" in text and exported.has("accuracy_vs_size.png")
