@@ -1,10 +1,9 @@
 """The ``quantcal`` command line: parses options and calls the stages; holds no logic.
 
 Defaults may come from ``quantcal.toml`` (see :mod:`quantcal.tomlconfig`); flags win.
-A :class:`QuantcalError`, an OS fault (no space, read-only, permission) or a usage error
-(bad flag, bad value: every number is checked by :mod:`quantcal.cliparams` before any work)
-ends the command with one line on stderr, ``quantcal: error: ...``, and exit status 2;
-Ctrl-C ends it with status 130 and says what the interrupted stage kept, when it knows.
+Every number is checked by :mod:`quantcal.cliparams` before any work; every way a command
+can end badly is one line on stderr and exit status 2 (130 when interrupted), see
+:mod:`quantcal.clierrors`.
 """
 
 from __future__ import annotations
@@ -19,53 +18,12 @@ from quantcal import __version__
 from quantcal.cliparams import (
     COUNT, POSITIVE, TARGET_BITS, Count, Device, ForceRule, Formats, Size, Tasks,
 )
-from quantcal.errors import QuantcalError, os_error_line
+from quantcal.clierrors import QuantcalGroup, terminate
+from quantcal.errors import QuantcalError
 from quantcal.rundir import DEFAULT_RUN_DIR
 from quantcal.tomlconfig import CONFIG_NAME, load_defaults
 
 RUN_HELP = f"Run directory this stage reads and writes (default ./{DEFAULT_RUN_DIR})."
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-class QuantcalGroup(click.Group):
-    """Loads quantcal.toml defaults and turns user errors into one-line messages."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except QuantcalError as exc:
-            click.echo(f"quantcal: error: {_one_line(exc)}", err=True)
-            ctx.exit(2)
-        except OSError as exc:
-            click.echo(f"quantcal: error: {_one_line(os_error_line(exc))}", err=True)
-            ctx.exit(2)
-        except KeyboardInterrupt as exc:
-            said = _one_line(exc)
-            click.echo("quantcal: interrupted" + (f"; {said}" if said else ""), err=True)
-            ctx.exit(130)
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
-             **extra):
-        """Click's main, but a usage error is one line (no usage block, no 'Try' hint)."""
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, False, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, False, **extra)
-        except click.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx is not None else "quantcal"
-            click.echo(f"quantcal: error: {_one_line(exc.format_message())} "
-                       f"(see `{where} --help`)", err=True)
-            sys.exit(2)
-        except click.ClickException as exc:
-            click.echo(f"quantcal: error: {_one_line(exc.format_message())}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("quantcal: interrupted", err=True)
-            sys.exit(130)
-        sys.exit(code if isinstance(code, int) else 0)
 
 
 def run_option(f):
@@ -410,12 +368,8 @@ def report(**opts) -> None:
     click.echo(f"wrote {run.file(REPORT)}")
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # `kill PID` ends a stage as Ctrl-C does: nothing half-committed
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     cli(prog_name="quantcal")
 
 

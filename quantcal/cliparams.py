@@ -82,18 +82,25 @@ class Size(click.ParamType):
         return value
 
 
-class Formats(click.ParamType):
-    """A comma-separated list of formats, e.g. ``int8,int4-g128``; parsed to a tuple."""
-
-    name = "formats"
-    expects = 'a comma-separated string such as "int8,int4-g128"'
+class _CommaList(click.ParamType):
+    """A comma-separated string parsed to a tuple by :meth:`parse` (a tuple, e.g. a default
+    already parsed, passes as it is)."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
         if not isinstance(value, str):
-            self.fail(f"expected a comma-separated string such as \"int8,int4-g128\", "
-                      f"got {value!r}", param, ctx)
+            self.fail(f"expected {self.expects}, got {value!r}", param, ctx)
+        return self.parse(value, param, ctx)
+
+
+class Formats(_CommaList):
+    """A comma-separated list of formats, e.g. ``int8,int4-g128``; parsed to a tuple."""
+
+    name = "formats"
+    expects = 'a comma-separated string such as "int8,int4-g128"'
+
+    def parse(self, value, param, ctx):
         try:
             return parse_formats(value)
         except QuantcalError as exc:
@@ -129,21 +136,16 @@ class Device(click.ParamType):
         return value
 
 
-class Tasks(click.ParamType):
+class Tasks(_CommaList):
     """A comma-separated list of known evaluation tasks; parsed to a tuple of names."""
 
     name = "tasks"
     expects = 'a comma-separated string such as "hellaswag,wikitext2"'
 
-    def convert(self, value, param, ctx):
+    def parse(self, value, param, ctx):
         from quantcal.evaluate.tasks import TASKS
 
-        if isinstance(value, tuple):
-            return value
         known = ", ".join(TASKS)
-        if not isinstance(value, str):
-            self.fail(f"expected a comma-separated string such as \"hellaswag,wikitext2\", "
-                      f"got {value!r}", param, ctx)
         names = [t.strip() for t in value.split(",") if t.strip()]
         if not names:
             self.fail(f"no task named; choose from {known}", param, ctx)

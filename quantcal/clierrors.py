@@ -1,0 +1,62 @@
+"""The command line's error contract: every way a command can end badly is one line.
+
+A :class:`QuantcalError`, an OS fault (no space, read-only, permission) or a click usage
+error ends the command with one line on stderr, ``quantcal: error: ...``, and exit status 2;
+Ctrl-C (and ``kill``, through :func:`terminate`) ends it with status 130 and says what the
+interrupted stage kept, when it knows.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from quantcal.errors import QuantcalError, os_error_line
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class QuantcalGroup(click.Group):
+    """Turns user errors, OS faults and interrupts into one-line messages."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QuantcalError as exc:
+            click.echo(f"quantcal: error: {_one_line(exc)}", err=True)
+            ctx.exit(2)
+        except OSError as exc:
+            click.echo(f"quantcal: error: {_one_line(os_error_line(exc))}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt as exc:
+            said = _one_line(exc)
+            click.echo("quantcal: interrupted" + (f"; {said}" if said else ""), err=True)
+            ctx.exit(130)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        """Click's main, but a usage error is one line (no usage block, no 'Try' hint)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "quantcal"
+            click.echo(f"quantcal: error: {_one_line(exc.format_message())} "
+                       f"(see `{where} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"quantcal: error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("quantcal: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def terminate(signum, frame):
+    """SIGTERM handler: ``kill PID`` ends a stage as Ctrl-C does, nothing half-committed."""
+    raise KeyboardInterrupt
