@@ -149,8 +149,12 @@ def _would_reach(record: RunRecord, cands: dict[str, list[Candidate]],
 
 
 def _weights(record: RunRecord, names) -> int:
-    """Weight elements of the layers ``names`` (the denominator of bits per weight)."""
-    return sum(record.layers[n].in_features * record.layers[n].out_features for n in names)
+    """Weight elements of the layers ``names``, the denominator of bits per weight. A tied
+    head is the embedding table, not a weight of its own: it is never counted, so keeping
+    it with the table costs 0 bits and storing it apart adds its bytes and no weights
+    (quantizing it can never lower bits per weight while the file grows)."""
+    return sum(record.layers[n].in_features * record.layers[n].out_features for n in names
+               if not (record.tied_lm_head and n == "lm_head"))
 
 
 def bits_range(record: RunRecord, cands: dict[str, list[Candidate]]) -> tuple[float, float]:

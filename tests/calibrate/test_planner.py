@@ -141,11 +141,13 @@ def _record(tied: bool) -> RunRecord:
 ])
 def test_plan_size_counts_the_embedding_and_a_tied_head_once(tied, emb, head, shared):
     record = _record(tied)
-    sens = SensitivityRecord("fast", record.config.formats, {
+    sens = SensitivityRecord("exact", record.config.formats, {
         n: {f.name: 0.1 for f in record.config.formats} for n in ("model.layers.0.mlp.up_proj",
                                                                  "lm_head")})
     force = (f"lm_head={head}",) + ((f"model.embed_tokens={emb}",) if emb else ())
-    plan = make_plan(record, sens, Budget("target_bits", 16.0), Rules.parse((), force))
+    # a slack budget in KL: in bits, a tied head stored apart (fp16 beside an int4 table)
+    # has no weights of its own and puts the plan above 16 bits/weight
+    plan = make_plan(record, sens, Budget("max_kl", 1.0), Rules.parse((), force))
     up, head_bytes = (plan.layers[n].bytes for n in ("model.layers.0.mlp.up_proj", "lm_head"))
     assert head_bytes == parse_format(head).weight_bytes(VOCAB, HIDDEN)
     table = TABLE
@@ -179,7 +181,7 @@ def _tied_qwen2_record():
     return record, sens
 
 
-@pytest.mark.parametrize("budget", [Budget("target_bits", 4.5), Budget("max_size", None),
+@pytest.mark.parametrize("budget", [Budget("target_bits", 4.7), Budget("max_size", None),
                                     Budget("max_kl", 0.5)], ids=lambda b: b.kind)
 def test_tied_fp16_head_is_free_under_every_budget(budget):
     """A tied fp16 lm_head is the embedding table: it costs 0 bits and 0 bytes, so no
@@ -193,10 +195,10 @@ def test_tied_fp16_head_is_free_under_every_budget(budget):
     assert plan.layers["lm_head"].format == FP16()
     body = {n: p for n, p in plan.layers.items() if n != "lm_head"}
     weights = sum(record.layers[n].in_features * record.layers[n].out_features
-                  for n in plan.layers)
+                  for n in body)
     assert plan.totals["bits_per_weight"] == pytest.approx(
-        8 * sum(p.bytes for p in body.values()) / weights)  # the head counted as 0 bits
+        8 * sum(p.bytes for p in body.values()) / weights)  # the head: no bytes, no weights
     assert plan.predicted_size_bytes == (sum(p.bytes for p in body.values())
                                          + record.other_param_bytes)
     if budget.kind == "target_bits":
-        assert plan.totals["bits_per_weight"] <= 4.5
+        assert plan.totals["bits_per_weight"] <= 4.7  # all-int4-g32 is 4.625
