@@ -62,7 +62,7 @@ def score(model: nn.Module, record: RunRecord, stats: Mapping[str, LayerStats],
     weights = {n: weight_matrix(model.get_submodule(n)).detach() for n in layers}
     t = time.perf_counter()
     fisher = output_fisher(model, held_out, list(layers), batch_size=cfg.batch_size,
-                           device=device)
+                           device=device, progress=progress)
     proxy = proxy_sensitivity(weights, stats, cfg.formats, qparams, fisher)
     timings = {"proxy_s": time.perf_counter() - t}
     if cfg.sensitivity != "exact":

@@ -196,9 +196,10 @@ def exact_sensitivity(model: nn.Module, held_out: torch.Tensor, layers: Mapping[
 
 
 def output_fisher(model: nn.Module, held_out: torch.Tensor, names, *, batch_size: int,
-                  device: torch.device) -> dict[str, torch.Tensor]:
+                  device: torch.device, progress: bool = True) -> dict[str, torch.Tensor]:
     """Per layer, ``(N,)`` mean over tokens of the squared gradient of ``log p(y)`` with
-    respect to the layer's output, ``y`` sampled from the model's own distribution."""
+    respect to the layer's output, ``y`` sampled from the model's own distribution; a
+    progress bar counts the held-out windows (one forward and backward pass per batch)."""
     sums = {n: None for n in names}
     handles = []
 
@@ -218,6 +219,8 @@ def output_fisher(model: nn.Module, held_out: torch.Tensor, names, *, batch_size
         for n in names:
             handles.append(model.get_submodule(n).register_full_backward_hook(hook(n)))
         batches = held_out.split(batch_size)
+        bar = tqdm(total=held_out.shape[0], desc="sensitivity (Fisher)", unit="window",
+                   disable=not progress, dynamic_ncols=True)
         for i, batch in enumerate(batches):
             with torch.enable_grad():
                 emb = embed(batch.to(device)).detach().requires_grad_(True)
@@ -229,6 +232,8 @@ def output_fisher(model: nn.Module, held_out: torch.Tensor, names, *, batch_size
                 logp = torch.log_softmax(logits, dim=-1)
                 y = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=gen)
                 logp.flatten(0, 1).gather(1, y).sum().backward()
+            bar.update(batch.shape[0])
+        bar.close()
     finally:
         for h in handles:
             h.remove()

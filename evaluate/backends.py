@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from quantcal.errors import QuantcalError
+from quantcal.export.positions import model_positions
+from quantcal.models import hub_kwargs
 from quantcal.provenance import verified_export
 from quantcal.rundir import MODEL, QPARAMS, RUN_JSON, RunDir
 
@@ -289,7 +291,7 @@ def eos_ids(tokenizer, source: str | None) -> list[int]:
         from transformers import GenerationConfig
 
         with contextlib.suppress(OSError, ValueError):
-            extra = GenerationConfig.from_pretrained(source).eos_token_id
+            extra = GenerationConfig.from_pretrained(source, **hub_kwargs(source)).eos_token_id
             ids += extra if isinstance(extra, list) else [extra]
     return sorted({int(t) for t in ids if t is not None})
 
@@ -298,7 +300,7 @@ def _context_length(source: str) -> int | None:
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(source)
+        cfg = AutoConfig.from_pretrained(source, **hub_kwargs(source))
     except (OSError, ValueError):
         return None
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -365,10 +367,13 @@ def make_backend(model: str | None, run: RunDir, *, provider: str = "auto",
 
     source = _tokenizer_source(path, run)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(source))
     except (OSError, ValueError) as exc:
         raise QuantcalError(f"could not load the tokenizer from {source!r} ({exc}); put "
                             "the tokenizer beside the model") from None
+    # the graph's own position limit first: a tokenizer folder beside the model (as the
+    # onnxruntime-genai files put there) has no config.json to read it from
+    limits = [n for n in (model_positions(path), _context_length(source)) if n]
     return OnnxBackend(path, tokenizer, provider, batch_size=batch_size,
-                       max_length=_context_length(source),
+                       max_length=min(limits, default=None),
                        eos_token_ids=eos_ids(tokenizer, source))

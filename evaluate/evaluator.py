@@ -9,6 +9,8 @@ perplexity windows one by one), then scored and aggregated with standard errors.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,11 +86,13 @@ def _positions(backend) -> int:
     return min(backend.max_length, limit or backend.max_length)
 
 
-def _task(name: str, backend, seq_len: int | None, stride: int | None):
+def _task(name: str, backend, seq_len: int | None, stride: int | None,
+          num_fewshot: int | None = None):
     """The task, perplexity windows sized to ``--seq-len``/``--stride`` and the model;
-    sizes the model cannot take are refused, not cut down silently."""
+    sizes the model cannot take are refused, not cut down silently. ``num_fewshot``
+    replaces the exemplar count of the tasks that have one."""
     if name not in PERPLEXITY_TASKS:
-        return get_task(name)
+        return get_task(name, **({} if num_fewshot is None else {"num_fewshot": num_fewshot}))
     limit = _positions(backend)
     if seq_len is not None and seq_len > limit:
         raise QuantcalError(f"--seq-len {seq_len} is longer than the model's {limit} "
@@ -102,10 +106,11 @@ def _task(name: str, backend, seq_len: int | None, stride: int | None):
 
 def prepare_task(name: str, backend, *, data_dir: Path | None, limit: int | None,
                  sample: int | None, seed: int, seq_len: int | None = None,
-                 stride: int | None = None) -> tuple[Any, list]:
+                 stride: int | None = None, num_fewshot: int | None = None
+                 ) -> tuple[Any, list]:
     """The task and the documents to score; ``--limit``/``--sample`` above what the task
     holds are refused with the count."""
-    task = _task(name, backend, seq_len, stride)
+    task = _task(name, backend, seq_len, stride, num_fewshot)
     everything = task.load(data_dir, tokenizer=backend.tokenizer)
     unit = "windows" if name in PERPLEXITY_TASKS else "documents"
     for flag, value in (("--limit", limit), ("--sample", sample)):
@@ -129,9 +134,11 @@ def task_protocol(task, docs: Sequence) -> str | None:
 def run_task(name: str, backend, *, data_dir: Path | None, limit: int | None,
              sample: int | None, seed: int, seq_len: int | None = None,
              stride: int | None = None, progress: bool = True,
-             prepared: tuple[Any, list] | None = None) -> tuple[dict, int]:
+             prepared: tuple[Any, list] | None = None,
+             samples: list[dict] | None = None) -> tuple[dict, int]:
     """Metrics ``{metric: [value, stderr]}`` of one task, and the number of documents
-    (``prepared``: :func:`prepare_task`'s result, when already made)."""
+    (``prepared``: :func:`prepare_task`'s result, when already made). ``samples``: a list
+    to append one record per document to (its requests, responses and scores)."""
     task, docs = prepared or prepare_task(name, backend, data_dir=data_dir, limit=limit,
                                           sample=sample, seed=seed, seq_len=seq_len,
                                           stride=stride)
@@ -143,11 +150,35 @@ def run_task(name: str, backend, *, data_dir: Path | None, limit: int | None,
         reqs = [task.requests(d) for d in part]
         flat = [r for rs in reqs for r in rs]
         answers = iter(_answer(backend, flat, progress and len(part) > 1, name))
-        per_doc += [task.score(d, [next(answers) for _ in rs]) for d, rs in zip(part, reqs)]
+        for doc, rs in zip(part, reqs):
+            responses = [next(answers) for _ in rs]
+            per_doc.append(task.score(doc, responses))
+            if samples is not None:
+                samples.append(sample_record(len(samples), doc, rs, responses, per_doc[-1]))
         bar.update(len(part))
     bar.close()
     metrics = {k: [m.value, m.stderr] for k, m in task.aggregate(per_doc).items()}
     return metrics, len(docs)
+
+
+def distinct_label(label: str, source: str | None, record: EvalRecord, root: Path) -> str:
+    """``label``, or, when ``eval.json`` holds it for a file at another path (two exports
+    both named ``model.onnx``), the label with the file's folder (``onnx-cuda:x/model.onnx``),
+    else its whole path: one variant never replaces another's figures. Sources inside the
+    run directory ``root`` are recorded relative to it."""
+    def same(a: str | None, b: str | None) -> bool:
+        return not a or not b or os.path.realpath(root / a) == os.path.realpath(root / b)
+
+    earlier = record.variants.get(label)
+    if earlier is None or same(earlier.source, source):
+        return label
+    kind, _, name = label.partition(":")
+    parent = Path(source).parent.name
+    for candidate in (f"{kind}:{parent}/{name}", f"{kind}:{source}"):
+        other = record.variants.get(candidate)
+        if other is None or same(other.source, source):
+            return candidate
+    return f"{kind}:{source}"
 
 
 def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
@@ -155,22 +186,28 @@ def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
                      seed: int, seq_len: int | None = None, stride: int | None = None,
                      size_bytes: int = 0, speed: dict | None = None,
                      source: str = "", made_from: dict | None = None,
-                     progress: bool = True, allow_overlap: bool = False) -> VariantResult:
+                     progress: bool = True, allow_overlap: bool = False,
+                     num_fewshot: int | None = None,
+                     samples: dict[str, list[dict]] | None = None) -> VariantResult:
     """Run ``tasks`` on ``backend`` and store the result under ``label`` in ``eval.json``;
-    text calibration read is refused unless ``allow_overlap`` (:func:`check_overlap`)."""
+    text calibration read is refused unless ``allow_overlap`` (:func:`check_overlap`).
+    ``samples``: a dict to fill with each task's per-document records."""
     t = time.perf_counter()
     overlap = {name: o for name in tasks
                if (o := check_overlap(name, run, data_dir, allow_overlap)) is not None}
     options = dict(data_dir=data_dir, limit=limit, sample=sample, seed=seed, seq_len=seq_len,
                    stride=stride)
-    prepared = {name: prepare_task(name, backend, **options) for name in tasks}  # fail early
+    prepared = {name: prepare_task(name, backend, **options, num_fewshot=num_fewshot)
+                for name in tasks}  # fail early
     metrics, docs = {}, {}
     protocols = {name: p for name in tasks
                  if (p := task_protocol(*prepared[name])) is not None}
     for name in tasks:
+        logged = None if samples is None else samples.setdefault(name, [])
         metrics[name], docs[name] = run_task(name, backend, **options, progress=progress,
-                                             prepared=prepared[name])
+                                             prepared=prepared[name], samples=logged)
     record = read_eval(run)
+    label = distinct_label(label, source, record, run.path)
     earlier = record.variants.get(label)
     if earlier is not None and earlier.made_from != (made_from or {}):
         earlier = None  # it scored other files (an earlier export): its tasks are stale
@@ -186,6 +223,16 @@ def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
     atomic_write_json(run.file(EVAL_JSON),
                       EvalRecord(variants={**record.variants, label: result}))
     return result
+
+
+def sample_record(doc_id: int, doc: Any, requests: Sequence, responses: Sequence,
+                  scores: dict[str, float]) -> dict:
+    """One document as lm-eval's ``--log_samples`` writes it: the document, the requests
+    made of it (``arguments``), the backend's answers (``resps``) and its scores."""
+    def plain(value: Any) -> Any:
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return {"doc_id": doc_id, "doc": plain(doc), "arguments": [plain(r) for r in requests],
+            "resps": [list(r) if isinstance(r, tuple) else r for r in responses], **scores}
 
 
 def check_overlap(name: str, run: RunDir, data_dir: Path | None,

@@ -6,8 +6,9 @@ ones calibrated (:mod:`quantcal.provenance`). Builds the decoder for the model's
 writes ``model.onnx`` (+ ``.onnx.data``) into a staging folder, verifies it there (the ONNX
 checker, logits against the torch model with the same fake-quant, greedy decoding with the
 KV cache against recomputation) and, only when it passed, promotes the model with its record
-(``export.json``) as one transaction (:mod:`quantcal.txn`). A failed or interrupted export
-leaves the previous verified export untouched; a failed one is set aside in
+(``export.json``) as one transaction (:mod:`quantcal.txn`), with the files that make its
+folder an onnxruntime-genai model (:mod:`quantcal.export.genai`). A failed or interrupted
+export leaves the previous verified export untouched; a failed one is set aside in
 ``.failed-export/`` for inspection. An export written elsewhere (``-o DIR/NAME.onnx``) gets
 its own record beside it (:func:`quantcal.provenance.record_path`) and never touches the
 run's.
@@ -26,6 +27,7 @@ import torch
 from quantcal.errors import QuantcalError, StageInterrupted
 from quantcal.export.builder import save_model
 from quantcal.export.emit import graph_op_counts
+from quantcal.export.genai import write_genai_files
 from quantcal.export.graphs import build_decoder
 from quantcal.export.parity import check_parity, failure_detail
 from quantcal.models import load_model
@@ -34,6 +36,7 @@ from quantcal.provenance import (
     ExportRecord, check_digest, check_model_unchanged, onnx_digests, record_path, sha256_file,
 )
 from quantcal.rundir import MODEL, PLAN, QPARAMS, RUN_JSON, RunDir, atomic_write_json
+from quantcal.session import resolve_provider
 from quantcal.txn import Stage
 
 DTYPES = {"cuda": np.float16, "cpu": np.float32}
@@ -67,14 +70,17 @@ def _finite(figures: dict) -> dict:
 def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "cuda",
                 output: Path | None = None, verify_provider: str | None = None
                 ) -> ExportRecord:
-    """Export the run's model under its plan; verify it (on ``verify_provider``, by default
-    the target provider, CPU when CUDA cannot run); commit it with its record."""
-    if provider not in DTYPES:
-        raise QuantcalError(f"--provider {provider!r}: use cuda or cpu")
+    """Export the run's model under its plan for ``provider`` (``auto``: cuda where it runs,
+    else cpu, decided once the inputs are known good); verify it (on ``verify_provider``, by
+    default the target provider, which must then run here); commit it with its record."""
+    if provider not in (*DTYPES, "auto"):
+        raise QuantcalError(f"--provider {provider!r}: use auto, cuda or cpu")
     record, plan, made_from = _checked_inputs(run, plan_path)
     path = Path(output) if output else run.file(MODEL)
     if path.suffix != ".onnx":
         raise QuantcalError(f"-o {path}: name the model file NAME.onnx")
+    if provider == "auto" or verify_provider is None:
+        provider = resolve_provider(provider)  # an explicit cuda that cannot run: refused now
     folder, own = path.parent, output is None or path.resolve() == run.file(MODEL).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -88,7 +94,8 @@ def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "
                     failed = folder / (".failed-export" if own else f".failed-{path.stem}")
                     stage.set_aside(failed)
                     raise QuantcalError(_failure(out, path, failed, plan))
-                stage.commit([path.name, path.name + ".data", record_path(path).name],
+                stage.commit([path.name, path.name + ".data", *out.genai,
+                              record_path(path).name],
                              remove=[path.name + ".data"])
             finally:
                 stage.discard()
@@ -104,9 +111,9 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
     t0 = time.perf_counter()
     qparams, meta = run.load_tensors(QPARAMS, "qparams")
     formats = resolved_formats(plan, record, meta.get("formats", "").split(","))
-    model, _ = load_model(record.config.model, revision=record.config.revision,
-                          trust_remote_code=record.config.trust_remote_code,
-                          dtype=torch.float32, device="cpu")
+    model, tokenizer = load_model(record.config.model, revision=record.config.revision,
+                                  trust_remote_code=record.config.trust_remote_code,
+                                  dtype=torch.float32, device="cpu")
     dtype = DTYPES[provider]
     graph = build_decoder(model, formats, qparams, dtype).model()
     staged = stage.file(final.name)
@@ -118,11 +125,13 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
                           provider=verify_provider or provider, dtype=dtype)
     timings["verify_s"] = time.perf_counter() - t
     files = onnx_digests(staged)
+    genai = write_genai_files(stage.dir, final.name, model, tokenizer, record.config.model,
+                              record.config.revision, provider)
     out = ExportRecord(
         model=record.config.model, provider=provider, dtype=np.dtype(dtype).name,
         path=final.name, file_bytes=sum((stage.dir / n).stat().st_size for n in files),
         ops=graph_op_counts(graph), parity=_finite(parity), passed=bool(parity["passed"]),
-        timings=timings, made_from=made_from, files=files)
+        timings=timings, made_from=made_from, files=files, genai=genai)
     atomic_write_json(stage.file(record_path(final).name), out)
     return out
 

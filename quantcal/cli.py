@@ -1,9 +1,11 @@
 """The ``quantcal`` command line: parses options and calls the stages; holds no logic.
 
-Defaults may come from ``quantcal.toml`` (see :mod:`quantcal.tomlconfig`); flags win.
-Every number is checked by :mod:`quantcal.cliparams` before any work; every way a command
-can end badly is one line on stderr and exit status 2 (130 when interrupted), see
-:mod:`quantcal.clierrors`.
+Here: the group and the stages that write a run (``calibrate``, ``plan``, ``export``); the
+commands that run an export or read a run live in :mod:`quantcal.clirun`. Defaults may come
+from ``quantcal.toml`` (see :mod:`quantcal.tomlconfig`); flags win. Every number is checked
+by :mod:`quantcal.cliparams` before any work; every way a command can end badly is one line
+on stderr and exit status 2 (130 when interrupted), see :mod:`quantcal.clierrors`; ``-q`` /
+``-v`` set what else is printed (:mod:`quantcal.clioutput`).
 """
 
 from __future__ import annotations
@@ -16,19 +18,16 @@ import click
 
 from quantcal import __version__
 from quantcal.cliparams import (
-    COUNT, POSITIVE, TARGET_BITS, Count, Device, ForceRule, Formats, Size, Tasks,
+    COUNT, POSITIVE, TARGET_BITS, Device, ForceRule, Formats, Size, run_option,
 )
 from quantcal.clierrors import QuantcalGroup, terminate
-from quantcal.errors import QuantcalError
-from quantcal.rundir import DEFAULT_RUN_DIR
+from quantcal.clioutput import configure, shows_progress, verbosity_options
+from quantcal.clirun import COMMANDS
 from quantcal.tomlconfig import CONFIG_NAME, load_defaults
 
-RUN_HELP = f"Run directory this stage reads and writes (default ./{DEFAULT_RUN_DIR})."
-
-
-def run_option(f):
-    return click.option("--run", "run", type=click.Path(file_okay=False, path_type=Path),
-                        default=DEFAULT_RUN_DIR, show_default=True, help=RUN_HELP)(f)
+# on rows that pad int4-g128 (SmolLM2: 576 = 4.5 x 128) the cheapest of int8, int4-g128 and
+# int4-g32 stores 4.51 bits/weight, above the default 4.5: int4-g64 (4.32) leaves room to plan
+DEFAULT_FORMATS = "int8,int4-g128,int4-g64,int4-g32"
 
 
 def budget_options(f):
@@ -56,6 +55,7 @@ def budget_options(f):
 @click.group(cls=QuantcalGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                    "max_content_width": 100})
 @click.version_option(__version__, "--version", "-V", prog_name="quantcal")
+@verbosity_options
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """quantcal: calibrate, plan, export and evaluate mixed-precision ONNX language models.
@@ -68,9 +68,15 @@ def cli(ctx: click.Context) -> None:
     Stages meet in a run directory (./quantcal-out unless --run DIR). Options may also be
     set in ./quantcal.toml: top-level keys (e.g. model, run) apply to every command that has
     them, a [calibrate] / [export] / ... table to one command; command-line flags win.
+    -q / -v (before or after the command) print less or more.
     """
+    configure(ctx)
     params = {name: [p for p in cmd.params if p.name] for name, cmd in cli.commands.items()}
     ctx.default_map = load_defaults(Path.cwd() / CONFIG_NAME, params)
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 @cli.command()
@@ -98,10 +104,10 @@ def cli(ctx: click.Context) -> None:
 @click.option("--observer", type=click.Choice(["minmax", "percentile", "mse", "entropy"]),
               default="mse", show_default=True,
               help="How activation clip ranges (w8a8 scales) are chosen from the statistics.")
-@click.option("--formats", type=Formats(), default="int8,int4-g128,int4-g32",
-              show_default=True,
+@click.option("--formats", type=Formats(), default=DEFAULT_FORMATS, show_default=True,
               help="Candidate formats to compute qparams and sensitivity for "
-              "(fp16, int8, int4-g32|g64|g128, w8a8).")
+              "(fp16, int8, int4-g32|g64|g128, w8a8); int4-g64 lets the default 4.5 "
+              "bits/weight choose between formats on hidden sizes such as 576.")
 @click.option("--weight-method", type=click.Choice(["aware", "rtn"]), default="aware",
               show_default=True,
               help="aware: activation-aware clip search per group; rtn: plain round to "
@@ -129,6 +135,7 @@ def cli(ctx: click.Context) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Replace a different run already in the run directory.")
 @run_option
+@verbosity_options
 def calibrate(**opts) -> None:
     """Collect activation statistics, compute per-layer qparams, score each layer's
     sensitivity and plan a format per layer.
@@ -150,7 +157,7 @@ def calibrate(**opts) -> None:
     if opts.pop("no_sensitivity"):
         opts["sensitivity"] = "none"
     record = run_calibration(config_from_options(opts), run, overwrite=overwrite,
-                             budget=budget, rules=rules)
+                             budget=budget, rules=rules, progress=shows_progress())
     t = record.timings
     n = sum(i.kind != "embedding" for i in record.layers.values())
     click.echo(f"calibrated {n} layers on {record.config.samples} x "
@@ -184,6 +191,7 @@ def _plan_summary(plan) -> str:
 @click.option("--data", help="Where to read the held-out windows for --measure (default: "
               "the source run.json records, e.g. when the data folder has moved).")
 @run_option
+@verbosity_options
 def plan(**opts) -> None:
     """Choose a format per layer under a budget, from an existing run directory.
 
@@ -198,19 +206,21 @@ def plan(**opts) -> None:
     budget = budget_from_options(opts["target_bits"], opts["max_size"], opts["max_kl"])
     new = replan(RunDir(opts["run"]), budget=budget,
                  rules=Rules.parse(opts["keep"], opts["force"]), output=opts["output"],
-                 measure=opts["measure"], data=opts["data"])
+                 measure=opts["measure"], data=opts["data"], progress=shows_progress())
     click.echo(_plan_summary(new))
 
 
 @cli.command()
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Plan to export (default: RUN/plan.json); hand-edited plans are checked.")
-@click.option("--provider", type=click.Choice(["cuda", "cpu"]), default="cuda",
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True,
-              help="Target execution provider: cuda exports fp16 activations, cpu fp32.")
+              help="Target execution provider: cuda exports fp16 activations, cpu fp32; "
+              "auto: cuda when it works here, else cpu (with a notice).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output model path (default: RUN/model.onnx).")
 @run_option
+@verbosity_options
 def export(**opts) -> None:
     """Write the mixed-precision ONNX model (with KV cache) and verify it.
 
@@ -230,142 +240,6 @@ def export(**opts) -> None:
                f"{p['tolerance']:.1e}), greedy decoding with KV cache matches recomputation"
                + (f" ({p['greedy_near_ties']:.0f} near-tie step(s))"
                   if p.get("greedy_near_ties") else ""))
-
-
-@cli.command()
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=COUNT, default=64, show_default=True)
-@click.option("--model", "model_path",
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Exported model (default: RUN/model.onnx).")
-@click.option("--tokenizer", help="Tokenizer folder or id (default: the run's model).")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
-              show_default=True, help="auto: CUDA when it works, else CPU (with a notice).")
-@run_option
-def generate(**opts) -> None:
-    """Greedy generation with an exported model (KV cache kept on the device)."""
-    from quantcal.export.generate import generate_text
-    from quantcal.rundir import RunDir
-
-    text, figures = generate_text(RunDir(opts["run"]), opts["prompt"],
-                                  model_path=opts["model_path"], tokenizer=opts["tokenizer"],
-                                  max_new_tokens=opts["max_new_tokens"],
-                                  provider=opts["provider"])
-    click.echo(opts["prompt"] + text)
-    click.echo(f"[{figures['new_tokens']} tokens on {figures['provider']}, "
-               f"{figures['tokens_per_s']:.1f} tok/s]", err=True)
-
-
-@cli.command(name="eval")
-@click.argument("model", required=False)
-@click.option("--tasks", type=Tasks(), default="hellaswag,gsm8k,wikitext2", show_default=True,
-              help="Comma-separated: hellaswag, gsm8k, wikitext2, c4.")
-@click.option("--limit", type=COUNT, help="Score the first N documents of each task.")
-@click.option("--sample", type=COUNT, help="Score a random subset of N documents (see --seed).")
-@click.option("--seed", type=int, default=1234, show_default=True, help="Seed for --sample.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
-              show_default=True,
-              help="onnxruntime provider (auto: cuda when it works, else cpu).")
-@click.option("--device", type=Device(), default="cpu", show_default=True,
-              help="Device of torch backends (the source model, the baseline).")
-@click.option("--batch-size", type=COUNT, default=8, show_default=True)
-@click.option("--seq-len", type=Count(2), help="Perplexity window (default 2048, or the model's "
-              "limit if smaller).")
-@click.option("--stride", type=COUNT, help="Perplexity stride (default: --seq-len, disjoint "
-              "windows).")
-@click.option("--baseline", is_flag=True,
-              help="Also evaluate the source FP model (torch) the same way, side by side.")
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Local folder laid out like shared/data (or set $QUANTCAL_DATA_DIR).")
-@click.option("--allow-overlap", is_flag=True,
-              help="Score perplexity text that calibration read (refused by default); "
-              "eval.json records how many documents overlap.")
-@run_option
-def eval_(**opts) -> None:
-    """Score a model on HellaSwag, GSM8K and perplexity; write eval.json.
-
-    MODEL is a Hugging Face id or folder (torch backend) or an .onnx file or run
-    directory (onnxruntime backend); without it, the run directory's model.onnx.
-    HellaSwag and GSM8K follow lm-evaluation-harness (acc/acc_norm; 5-shot GSM8K with
-    strict-match and flexible-extract); perplexity uses sliding windows.
-    """
-    from quantcal.evaluate.api import evaluate
-    from quantcal.evaluate.evaluator import format_results
-    from quantcal.rundir import RunDir
-
-    if opts["stride"] and opts["seq_len"] and opts["stride"] > opts["seq_len"]:
-        raise QuantcalError(f"--stride {opts['stride']} is longer than --seq-len "
-                            f"{opts['seq_len']}: windows would skip tokens; pass --stride "
-                            f"{opts['seq_len']} or less")
-    record = evaluate(opts["model"], RunDir(opts["run"]), list(opts["tasks"]),
-                      limit=opts["limit"],
-                      sample=opts["sample"], seed=opts["seed"], provider=opts["provider"],
-                      data_dir=opts["data_dir"], baseline=opts["baseline"],
-                      device=opts["device"], batch_size=opts["batch_size"],
-                      seq_len=opts["seq_len"], stride=opts["stride"],
-                      allow_overlap=opts["allow_overlap"])
-    click.echo(format_results(record))
-
-
-@cli.command()
-@click.argument("target", required=False)
-@click.option("--model", help="bench calibrate: hub id or local folder of the model.")
-@click.option("--shape", type=click.Choice(["smollm2-135m", "llama-3.2-1b"]),
-              help="bench calibrate: a random-weight model of this real shape instead.")
-@click.option("--samples", type=COUNT, default=32, show_default=True,
-              help="bench calibrate: number of windows.")
-@click.option("--seq-len", type=COUNT, default=512, show_default=True,
-              help="bench calibrate: tokens per window.")
-@click.option("--batch-size", type=COUNT, default=8, show_default=True,
-              help="Windows per forward pass (calibrate) or sequences (model).")
-@click.option("--device", type=Device(), default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@click.option("--baseline", "baselines", multiple=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="bench MODEL: other exports to measure side by side (e.g. the fp16 one).")
-@click.option("--prompt-len", type=COUNT, default=1024, show_default=True,
-              help="bench MODEL: prompt length for prefill tokens/s.")
-@click.option("--new-tokens", type=COUNT, default=128, show_default=True,
-              help="bench MODEL: greedy steps for decode tokens/s.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
-              show_default=True, help="bench MODEL: onnxruntime provider.")
-@run_option
-def bench(target, as_json, baselines, prompt_len, new_tokens, provider, **opts) -> None:
-    """Measure speed. TARGET is `calibrate` (statistic-hook overhead against a plain
-    forward pass, calibration tokens/s) or an exported .onnx model (prefill and decode
-    tokens/s, peak memory, size; --baseline adds other exports side by side). Without
-    TARGET: the run directory's model.onnx."""
-    import json
-
-    if target == "calibrate":
-        from quantcal.calibrate.bench import format_bench, run_bench_calibrate
-
-        opts.pop("run")
-        result = run_bench_calibrate(**opts)
-        click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
-        return
-    from quantcal.evaluate.speed import bench_model, format_model_bench
-    from quantcal.rundir import MODEL, RunDir
-
-    models = [Path(target) if target else RunDir(opts["run"]).require(MODEL), *baselines]
-    rows = [bench_model(m, provider=provider, batch=opts["batch_size"], prompt_len=prompt_len,
-                        new_tokens=new_tokens) for m in models]
-    click.echo(json.dumps(rows, indent=2) if as_json else format_model_bench(rows))
-
-
-@cli.command()
-@run_option
-def report(**opts) -> None:
-    """Turn a run directory into report.md with plots (plan, sensitivity, accuracy vs size)."""
-    from quantcal.evaluate.report import write_report
-    from quantcal.rundir import REPORT, RunDir
-
-    run = RunDir(opts["run"])
-    write_report(run)
-    click.echo(f"wrote {run.file(REPORT)}")
 
 
 def main() -> None:

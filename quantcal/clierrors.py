@@ -3,7 +3,9 @@
 A :class:`QuantcalError`, an OS fault (no space, read-only, permission) or a click usage
 error ends the command with one line on stderr, ``quantcal: error: ...``, and exit status 2;
 Ctrl-C (and ``kill``, through :func:`terminate`) ends it with status 130 and says what the
-interrupted stage kept, when it knows.
+interrupted stage kept, when it knows. Every command first checks that the installed
+dependencies are recent enough (:func:`quantcal.versions.check_versions`), after its
+options are parsed, so ``--help`` works in any environment.
 """
 
 from __future__ import annotations
@@ -13,14 +15,26 @@ import sys
 import click
 
 from quantcal.errors import QuantcalError, os_error_line
+from quantcal.versions import check_versions
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class QuantcalCommand(click.Command):
+    """A command that refuses too old dependencies before its work."""
+
+    def invoke(self, ctx: click.Context):
+        check_versions()
+        return super().invoke(ctx)
+
+
 class QuantcalGroup(click.Group):
-    """Turns user errors, OS faults and interrupts into one-line messages."""
+    """Turns user errors, OS faults and interrupts into one-line messages; its commands are
+    :class:`QuantcalCommand`."""
+
+    command_class = QuantcalCommand
 
     def invoke(self, ctx: click.Context):
         try:

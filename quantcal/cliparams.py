@@ -4,18 +4,21 @@ before any work and fails with a message that click prefixes with the flag's nam
 
 Counts and sizes are at least 1, budgets finite and positive (``--target-bits`` within the
 range any format reaches), formats, tasks, devices and ``--force`` rules are parsed here so
-a typo fails in a second, not after a calibration. Reads and writes nothing.
+a typo fails in a second, not after a calibration. Also the ``--run`` option every command
+shares. Reads and writes nothing.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import click
 
 from quantcal.errors import QuantcalError
 from quantcal.formats import FP16, INT4_GROUP_SIZES, Int4, parse_format, parse_formats
+from quantcal.rundir import DEFAULT_RUN_DIR
 
 # what any format can store per weight: symmetric int4 with the largest group, up to fp16
 MIN_BITS = min(Int4(g, symmetric=True).bits_per_weight(1, g) for g in INT4_GROUP_SIZES)
@@ -41,19 +44,22 @@ class Count(click.ParamType):
 
 
 class Positive(click.ParamType):
-    """A finite number above 0, optionally within ``[low, high]`` (named ``what``)."""
+    """A finite number above 0 (or 0 too, with ``zero``), optionally within
+    ``[low, high]`` (named ``what``)."""
 
     name = "number"
 
-    def __init__(self, low: float | None = None, high: float | None = None, what: str = ""):
-        self.low, self.high, self.what = low, high, what
+    def __init__(self, low: float | None = None, high: float | None = None, what: str = "",
+                 zero: bool = False):
+        self.low, self.high, self.what, self.zero = low, high, what, zero
 
     def convert(self, value, param, ctx):
         if isinstance(value, bool):
             self.fail(f"expected a number, got {value!r}", param, ctx)
         number = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(number) or number <= 0:
-            self.fail(f"must be a finite number above 0, got {number:g}", param, ctx)
+        if not math.isfinite(number) or number < 0 or (number == 0 and not self.zero):
+            least = "0 or above" if self.zero else "above 0"
+            self.fail(f"must be a finite number {least}, got {number:g}", param, ctx)
         low, high = self.low or 0.0, self.high or math.inf
         if not low <= number <= high:
             self.fail(f"{number:g} is outside the feasible range {low:g} to {high:g} "
@@ -160,3 +166,13 @@ class Tasks(_CommaList):
 COUNT = Count(1)
 TARGET_BITS = Positive(MIN_BITS, MAX_BITS, "bits per weight (int4-g128-sym to fp16)")
 POSITIVE = Positive()
+PROBABILITY = Positive(high=1.0, what="(a probability)")
+NON_NEGATIVE = Positive(zero=True)
+
+
+def run_option(f):
+    """``--run DIR``: the run directory a command reads and writes."""
+    return click.option("--run", "run", type=click.Path(file_okay=False, path_type=Path),
+                        default=DEFAULT_RUN_DIR, show_default=True,
+                        help=f"Run directory this stage reads and writes (default "
+                        f"./{DEFAULT_RUN_DIR}).")(f)

@@ -178,7 +178,8 @@ class DataSource(Strict):
     path, the split, the local file read (absolute) or the hub's ``load_dataset``
     arguments, the part of a local file the stage reads (documents ``first_doc`` to
     ``first_doc + docs_read``, in the file's order) and the sha256 (16 hex digits) of each
-    document whose tokens entered a calibration or held-out window."""
+    document whose tokens entered a calibration or held-out window; ``fallback`` says why the
+    packaged C4 sample stood in for an unreachable hub."""
 
     name: str
     split: str = ""
@@ -188,6 +189,8 @@ class DataSource(Strict):
     first_doc: int = 0
     docs_read: int = 0
     digests: list[str] = field(default_factory=list)
+    # why the hub was not used and the C4 sample packaged with quantcal was read ("": it was not)
+    fallback: str = ""
 
 
 @dataclass(frozen=True)

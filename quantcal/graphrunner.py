@@ -141,7 +141,8 @@ def _shares_cache(path) -> bool:
 def decoding_runner(path, provider: str = "auto") -> DecoderRunner:
     """The fastest runner for greedy decoding of an exported model: captured CUDA graphs
     on CUDA when the model shares its cache, else a plain :class:`DecoderRunner` (through
-    :func:`~quantcal.session.make_session`: CPU with a notice when CUDA does not work)."""
+    :func:`~quantcal.session.make_session`: CPU with a notice when ``auto`` finds CUDA not
+    working, an error when ``cuda`` does)."""
     if provider != "cpu" and _shares_cache(path):
         session, _ = cuda_session(Path(path), 0, cuda_graph=True)
         if session is not None:

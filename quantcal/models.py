@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from quantcal.config import LayerInfo
+from quantcal.datadir import hub_reachable
 from quantcal.errors import QuantcalError
 from quantcal.families import FAMILIES, SUPPORTED, Family, check_config, family_for
 
-__all__ = ["FAMILIES", "SUPPORTED", "Family", "family_of", "load_model", "quantizable_layers"]
+__all__ = ["FAMILIES", "SUPPORTED", "Family", "family_of", "hub_kwargs", "load_model",
+           "quantizable_layers"]
 
 
 def family_of(model: nn.Module) -> Family:
@@ -124,11 +126,12 @@ def load_model(name: str, *, revision: str | None = None, dtype: torch.dtype = t
         ``(model, tokenizer)``; the model is on ``device`` in ``dtype``.
     """
     source = _model_source(name)
-    check_model_config(_config_dict(source, name, revision), name, trust_remote_code,
+    hub = hub_kwargs(source)
+    check_model_config(_config_dict(source, name, revision, hub), name, trust_remote_code,
                        check_family)
     if Path(source).is_dir():
         _check_folder(Path(source), name, trust_remote_code)
-    model, tokenizer = _from_pretrained(source, name, revision, dtype, trust_remote_code)
+    model, tokenizer = _from_pretrained(source, name, revision, dtype, trust_remote_code, hub)
     if check_family:
         check_config(model.config)  # a folder's own config class (auto_map) decides now
     model = model.to(device).eval()
@@ -147,14 +150,26 @@ def _model_source(name: str) -> str:
     return str(path) if path.is_dir() else name
 
 
-def _config_dict(source: str, name: str, revision: str | None) -> dict:
+def hub_kwargs(source: str) -> dict[str, bool]:
+    """``{"local_files_only": True}`` for a hub id when the hub cannot be reached: the
+    local cache answers at once, where the hub client would retry for up to a minute before
+    falling back to it. Empty for a local folder, a reachable hub, or offline mode already
+    set (``HF_HUB_OFFLINE``: transformers reads the cache alone then)."""
+    from huggingface_hub import is_offline_mode
+
+    if Path(source).is_dir() or is_offline_mode() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def _config_dict(source: str, name: str, revision: str | None, hub: dict) -> dict:
     """config.json as a plain dict (read, never executed)."""
     from transformers import PretrainedConfig
 
     try:
-        config, _ = PretrainedConfig.get_config_dict(source, revision=revision)
+        config, _ = PretrainedConfig.get_config_dict(source, revision=revision, **hub)
     except (OSError, ValueError) as exc:
-        raise _load_error(name, exc) from None
+        raise _load_error(name, exc, hub) from None
     return config
 
 
@@ -228,27 +243,28 @@ def _check_folder(folder: Path, name: str, trust_remote_code: bool) -> None:
 
 
 def _from_pretrained(source: str, name: str, revision: str | None, dtype: torch.dtype,
-                     trust_remote_code: bool) -> tuple[nn.Module, object]:
+                     trust_remote_code: bool, hub: dict) -> tuple[nn.Module, object]:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # trust_remote_code is always explicit: left None, transformers may ask on stdin
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision,
-                                                  trust_remote_code=trust_remote_code)
+                                                  trust_remote_code=trust_remote_code, **hub)
         model = AutoModelForCausalLM.from_pretrained(
             source, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=True)
+            use_safetensors=True, **hub)
     except (OSError, ValueError) as exc:
-        raise _load_error(name, exc) from None
+        raise _load_error(name, exc, hub) from None
     except SafetensorError as exc:
         raise QuantcalError(f"model {name!r} has a damaged weight file ({exc}); re-download or "
                             "re-export it") from None
     return model, tokenizer
 
 
-def _load_error(name: str, exc: Exception) -> QuantcalError:
-    """One line for a failed hub/folder load: custom code, missing safetensors, or else."""
+def _load_error(name: str, exc: Exception, hub: dict) -> QuantcalError:
+    """One line for a failed hub/folder load: custom code, missing safetensors, a hub id
+    neither cached nor reachable (``hub``: the cache was read alone), or else."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     if "custom code" in text:
@@ -256,6 +272,10 @@ def _load_error(name: str, exc: Exception) -> QuantcalError:
     if "safetensors" in text and ("no file named" in text or "does not appear" in text):
         return QuantcalError(f"model {name!r} has no safetensors weights; quantcal loads "
                              f"safetensors only, since unpickling can run code: {CONVERT_HINT}")
+    if hub.get("local_files_only"):
+        return QuantcalError(f"model {name!r} is not in the local Hugging Face cache and the "
+                             "hub cannot be reached; connect to the network, or pass a local "
+                             "model folder")
     return QuantcalError(
         f"could not load model {name!r} ({first}); check the id or folder, and for hub ids "
         "your network or HF_HUB_OFFLINE")

@@ -120,6 +120,8 @@ class ExportRecord(Strict):
     timings: dict[str, float] = field(default_factory=dict)
     made_from: dict[str, str] = field(default_factory=dict)  # model files, qparams, plan
     files: dict[str, str] = field(default_factory=dict)  # sha256 of model.onnx (+ .data)
+    # sha256 of what makes the folder an onnxruntime-genai model (quantcal.export.genai)
+    genai: dict[str, str] = field(default_factory=dict)
 
 
 def record_path(model_path: Path) -> Path:

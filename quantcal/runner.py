@@ -233,8 +233,9 @@ class DecoderRunner:
 
     def generate(self, prompt_ids: list[int] | np.ndarray, max_new_tokens: int,
                  eos_token_id: int | Iterable[int] | None = None,
-                 stop: Callable[[list[int]], bool] | None = None) -> list[int]:
-        """Greedy decoding of one prompt.
+                 stop: Callable[[list[int]], bool] | None = None,
+                 pick: Callable[[np.ndarray], int] | None = None) -> list[int]:
+        """Greedy decoding of one prompt, or sampling with ``pick``.
 
         Args:
             prompt_ids: token ids of the prompt, a list or a (S,) / (1, S) array.
@@ -242,6 +243,8 @@ class DecoderRunner:
             eos_token_id: token id(s) that end generation; the eos token is returned.
             stop: called with the tokens generated so far after each one; True ends
                 generation (the last token is kept).
+            pick: chooses the next token from the last position's logits ``(V,)`` on the
+                host (e.g. a :class:`quantcal.sampling.Sampler`); None: greedy, on the device.
 
         Returns:
             The generated token ids, without the prompt.
@@ -255,7 +258,11 @@ class DecoderRunner:
         logits = self.prefill(prompt, host_logits=False, cache_length=(
             prompt.shape[1] + max_new_tokens if self.shares_cache else None))
         while True:
-            next_ids = self.next_tokens(logits)
+            if pick is None:
+                next_ids = self.next_tokens(logits)
+            else:
+                host = logits if isinstance(logits, np.ndarray) else logits.numpy()
+                next_ids = np.array([[pick(host[0, -1])]], dtype=np.int64)
             tokens.append(int(next_ids[0, 0]))
             if (tokens[-1] in eos or len(tokens) >= max_new_tokens
                     or (stop is not None and stop(tokens))):

@@ -14,19 +14,28 @@ one name gives one source and one text. The stages never share documents by defa
   evaluation; without the train file calibration falls back to the test file, which
   evaluation then refuses to score unless told to (the digests recorded in run.json).
 
+When the hub cannot serve ``c4`` (offline, unreachable, not cached) and no local folder
+holds it, the C4 validation sample packaged with quantcal (:data:`PACKAGED_C4`,
+``quantcal/data``) stands in, split in halves like any local sample; the switch is logged
+in one line and recorded (:attr:`DataSource.fallback`), never silent.
+
 A raw WikiText file becomes the hub's rows exactly (:func:`wiki_rows`) and the corpus text
 is ``"\\n\\n".join(rows)``, the lm-eval/HF perplexity recipe. Reads files and the hub;
-writes nothing.
+writes nothing; logs the fallback.
 """
 
 from __future__ import annotations
+
+import re
 
 import gzip
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,16 @@ from quantcal.errors import QuantcalError
 
 CALIBRATION, EVALUATION = "calibration", "evaluation"
 C4_LOCAL = ("c4/c4_validation_2k.jsonl.gz", "c4/c4_validation_2k.parquet")
+PACKAGED_C4 = Path(__file__).resolve().parent / "data" / "c4_validation_sample.jsonl.gz"
+log = logging.getLogger(__name__)
+
+
+class HubUnavailable(QuantcalError):
+    """The hub could not serve a corpus; ``why`` says why in a few words."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
 
 
 @dataclass(frozen=True)
@@ -98,8 +117,13 @@ def open_corpus(name: str, stage: str, data_dir: Path | None, *,
     path, missing = find_local(corpus.local, data_dir, "data folder")
     if path is None:
         source = DataSource(name=name, split=corpus.split, hub=dict(corpus.hub))
-        return source, _hub_docs(corpus, missing, remedy)
-    split = corpus.split if path.name != "wiki.test.raw" else "test"
+        try:
+            return source, _hub_docs(corpus, missing, remedy)
+        except HubUnavailable as exc:
+            if name != "c4":
+                raise
+            return _packaged(corpus, stage, exc.why)
+    split = _file_split(path.name, corpus.split)
     docs = _local_docs(path)
     first, last = _half(len(docs), corpus.half)
     source = DataSource(name=name, split=split, path=str(path.resolve()), first_doc=first,
@@ -107,13 +131,40 @@ def open_corpus(name: str, stage: str, data_dir: Path | None, *,
     return source, iter(docs[first:last])
 
 
+def _file_split(name: str, default: str) -> str:
+    """The split a local file holds, from its name (``c4_validation_2k``: validation,
+    whichever half of it a stage reads; ``wiki.test.raw``: test), else ``default``."""
+    parts = set(re.split(r"[^a-z]+", name.lower()))
+    return next((s for s in ("validation", "test", "train") if s in parts), default)
+
+
+def _packaged(corpus: Corpus, stage: str, why: str) -> tuple[DataSource, Iterator[str]]:
+    """The packaged C4 sample's part for ``stage``, announced once per process."""
+    docs = _local_docs(PACKAGED_C4)
+    first, last = _half(len(docs), corpus.half)
+    _announce(stage, why, last - first)
+    source = DataSource(name=corpus.name, split="validation", path=str(PACKAGED_C4),
+                        first_doc=first, docs_read=last - first,
+                        fallback=f"hub unusable ({why}): the packaged C4 validation sample")
+    return source, iter(docs[first:last])
+
+
+@lru_cache(maxsize=None)
+def _announce(stage: str, why: str, docs: int) -> None:
+    part = "first" if stage == CALIBRATION else "second"
+    log.warning(f"quantcal: the hub cannot serve allenai/c4 ({why}); {stage} reads the {part} "
+                f"half ({docs} documents) of the C4 validation sample packaged with quantcal")
+
+
 def reopen(source: DataSource, *, remedy: str) -> Iterator[str]:
-    """The documents of a recorded named source, from its file or the hub, in order."""
+    """The documents of a recorded named source, from its file or the hub, in order (a
+    recorded fallback reads the packaged sample, wherever quantcal is installed now)."""
     if source.path:
-        if not Path(source.path).is_file():
+        path = PACKAGED_C4 if source.fallback else Path(source.path)
+        if not path.is_file():
             raise QuantcalError(f"the recorded data file {source.path} is gone; pass --data "
                                 f"to name the calibration text ({remedy})")
-        docs = _local_docs(Path(source.path))
+        docs = _local_docs(path)
         return iter(docs[source.first_doc:source.first_doc + source.docs_read])
     corpus = Corpus(source.name, source.split, (), source.hub, stream=source.name == "c4")
     return _hub_docs(corpus, "", remedy)
@@ -177,12 +228,18 @@ def _guard(rows, fail, limit: int | None) -> Iterator[dict]:
 
 def _hub_docs(corpus: Corpus, missing: str, remedy: str) -> Iterator[str]:
     def fail(why: str) -> QuantcalError:
-        return QuantcalError(
+        return HubUnavailable(
             f"could not load {corpus.name} ({corpus.split}) from the Hugging Face hub ({why}); "
             f"{missing}{remedy} or set {DATA_DIR_ENV} to a folder laid out like shared/data "
-            f"({', '.join(corpus.local)})")
+            f"({', '.join(corpus.local)})", _short(why))
 
     rows = hub_rows(corpus.hub, fail, stream=corpus.stream, limit=corpus.stream_rows)
     if corpus.name == "wikitext2":
         return iter(["\n\n".join(r["text"] for r in rows)])
     return (r["text"] for r in rows)
+
+
+def _short(why: str) -> str:
+    """The first line of a hub failure, at most 120 characters, for the one-line notice."""
+    line = why.strip().splitlines()[0] if why.strip() else "unknown error"
+    return line if len(line) <= 120 else line[:117] + "..."

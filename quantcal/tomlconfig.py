@@ -12,7 +12,6 @@ type or out of range (checked against the click parameter, the way the flag woul
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,10 +19,7 @@ import click
 
 from quantcal.errors import QuantcalError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 CONFIG_NAME = "quantcal.toml"
 

@@ -33,6 +33,15 @@ def build_tiny_tokenizer(texts: list[str], vocab_size: int = 512):
     )
 
 
+def load_tiny_tokenizer(path):
+    """The tokenizer :func:`build_tiny_tokenizer` made, read back from its tokenizer.json."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)),
+                                   eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
 _IDS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)

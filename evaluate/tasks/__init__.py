@@ -1,5 +1,6 @@
-"""Evaluation tasks: HellaSwag (0-shot), GSM8K (5-shot) and perplexity on WikiText-2 and C4,
-built the lm-evaluation-harness way so accuracies compare with published numbers.
+"""Evaluation tasks: HellaSwag (0-shot), GSM8K (5-shot) (``num_fewshot`` changes either) and
+perplexity on WikiText-2 and C4, built the lm-evaluation-harness way so accuracies compare
+with published numbers.
 
 Owns the task names (``TASKS``, :func:`get_task`). Each task reads its documents from a
 local folder laid out like ``shared/data`` (``data_dir``, else ``$QUANTCAL_DATA_DIR``), else
@@ -23,10 +24,10 @@ from typing import Any
 from quantcal.errors import QuantcalError
 
 from .base import (GenerateRequest, LoglikelihoodRequest, Metric, PerplexityWindow, Request,
-                   Task, mean_metrics, mean_stderr, select)
+                   Task, draw_shots, mean_metrics, mean_stderr, select)
 from .data import DATA_DIR_ENV, Source, load_rows
-from .gsm8k import (FLEXIBLE, GSM8K, STRICT, Gsm8kDoc, draw_shots, gsm8k_prompt,
-                    normalize_answer, regex_extract)
+from .gsm8k import (FLEXIBLE, GSM8K, STRICT, Gsm8kDoc, gsm8k_prompt, normalize_answer,
+                    regex_extract)
 from .hellaswag import HellaSwag, HellaswagDoc, hellaswag_doc, preprocess
 from .perplexity import C4, WIKITEXT2, Perplexity, sliding_windows
 

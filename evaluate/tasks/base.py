@@ -1,5 +1,6 @@
 """The vocabulary every task shares: the requests a scoring backend answers, the metric
-type, the task protocol, averages with their standard error and document selection.
+type, the task protocol, averages with their standard error, document selection and
+lm-eval's few-shot exemplar draw.
 
 Pure data and arithmetic; reads and writes nothing.
 """
@@ -94,3 +95,19 @@ def select(docs: Sequence, limit: int | None = None, sample: int | None = None,
     if sample is not None and sample < len(docs):
         return [docs[i] for i in sorted(random.Random(seed).sample(range(len(docs)), sample))]
     return list(docs)
+
+
+def draw_shots(docs: Sequence[Mapping], pool: Sequence[Mapping], *, num_fewshot: int = 5,
+               seed: int = 1234, same_split: bool = False) -> list[tuple[int, ...]]:
+    """Exemplar indices into ``pool`` for each of ``docs``, by lm-eval's ContextSampler: one
+    ``random.Random(seed)`` for the whole split, walked in document order; per document draw
+    ``rnd.sample(pool, n)`` with n = num_fewshot + 1 if the pool is the evaluated split
+    itself, else num_fewshot (lm-eval's rule; GSM8K draws 5 from train), drop exemplars
+    equal to the document (as rows), keep the first ``num_fewshot``."""
+    rnd = random.Random(seed)
+    n = num_fewshot + 1 if same_split else num_fewshot
+    out = []
+    for doc in docs:
+        drawn = rnd.sample(range(len(pool)), n)
+        out.append(tuple(i for i in drawn if pool[i] != doc)[:num_fewshot])
+    return out

@@ -7,13 +7,12 @@ Reads both splits through :mod:`.data`; writes nothing.
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .base import GenerateRequest, mean_metrics, select
+from .base import GenerateRequest, draw_shots, mean_metrics, select
 from .data import Source, load_rows
 
 
@@ -47,24 +46,6 @@ class Gsm8kDoc:
     question: str
     answer: str  # full solution, ending in "#### <number>"
     shots: tuple[tuple[str, str], ...] = ()  # (question, answer) exemplars, in prompt order
-
-
-def draw_shots(docs: Sequence[Mapping], pool: Sequence[Mapping], *, num_fewshot: int = 5,
-               seed: int = 1234, same_split: bool = False) -> list[tuple[int, ...]]:
-    """Exemplar indices into ``pool`` for each of ``docs``, by lm-eval's ContextSampler: one
-    ``random.Random(seed)`` for the whole split, walked in document order; per document draw
-    ``rnd.sample(pool, n)`` with n = num_fewshot + 1 if the pool is the evaluated split
-    itself, else num_fewshot (lm-eval's rule; GSM8K draws 5 from train), drop exemplars
-    equal to the document, keep the first ``num_fewshot``."""
-    rnd = random.Random(seed)
-    n = num_fewshot + 1 if same_split else num_fewshot
-    out = []
-    for doc in docs:
-        key = (doc["question"], doc["answer"])
-        drawn = rnd.sample(range(len(pool)), n)
-        out.append(tuple(i for i in drawn
-                         if (pool[i]["question"], pool[i]["answer"]) != key)[:num_fewshot])
-    return out
 
 
 def gsm8k_prompt(doc: Gsm8kDoc) -> str:

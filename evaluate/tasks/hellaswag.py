@@ -1,5 +1,7 @@
-"""HellaSwag validation, 0-shot, as lm-evaluation-harness's ``hellaswag`` task: the
-WikiHow cleanup, one log-likelihood request per ending, acc and acc_norm.
+"""HellaSwag validation, 0-shot by default, as lm-evaluation-harness's ``hellaswag`` task:
+the WikiHow cleanup, one log-likelihood request per ending, acc and acc_norm. With
+``num_fewshot`` n, each query follows n exemplars from the train split, drawn and written as
+lm-eval does (its ContextSampler seeded 1234; "query gold-ending" joined by blank lines).
 
 Rows with the hub's fields (``Rowan/hellaswag``: ``ctx_a``, ``ctx_b``) are built exactly as
 lm-eval's ``process_docs``. The local llama.cpp-derived file holds ``ctx`` only, so
@@ -14,10 +16,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .base import LoglikelihoodRequest, mean_metrics, select
+from .base import LoglikelihoodRequest, draw_shots, mean_metrics, select
 from .data import Source, load_rows
 
 
@@ -34,6 +36,7 @@ class HellaswagDoc:
     choices: tuple[str, ...]
     gold: int
     exact: bool = True  # False: no ctx_a/ctx_b, so ctx_b is not capitalised (lm-eval-like)
+    shots: tuple[tuple[str, str], ...] = ()  # (query, gold ending) exemplars, in prompt order
 
 
 def hellaswag_doc(row: Mapping[str, Any]) -> HellaswagDoc:
@@ -60,18 +63,35 @@ def _argmax(values: Sequence[float]) -> int:
 
 @dataclass(frozen=True)
 class HellaSwag:
-    """HellaSwag validation, 0-shot: acc and acc_norm (log-likelihood over characters)."""
+    """HellaSwag validation, 0-shot (or ``num_fewshot`` from train): acc and acc_norm
+    (log-likelihood over characters)."""
     name: str = "hellaswag"
+    num_fewshot: int = 0
+    fewshot_seed: int = 1234
     source: Source = Source("hellaswag", ("hellaswag/hellaswag_val.jsonl",
                                           "hellaswag/hellaswag_val.llamacpp_derived.jsonl.gz"),
                             {"path": "Rowan/hellaswag", "split": "validation"})
+    train: Source = Source("hellaswag train", ("hellaswag/hellaswag_train.jsonl",
+                                               "hellaswag/hellaswag_train.jsonl.gz"),
+                           {"path": "Rowan/hellaswag", "split": "train"})
 
     def load(self, data_dir=None, *, limit=None, sample=None, seed=1234, tokenizer=None):
-        docs = [hellaswag_doc(r) for r in load_rows(self.source, data_dir)]
+        """Exemplars are drawn for the whole split before ``limit``/``sample`` pick
+        documents, so each prompt is the one a full lm-eval run gives it."""
+        rows = load_rows(self.source, data_dir)
+        docs = [hellaswag_doc(r) for r in rows]
+        if self.num_fewshot:
+            pool = load_rows(self.train, data_dir)
+            shots = [hellaswag_doc(r) for r in pool]
+            drawn = draw_shots(rows, pool, num_fewshot=self.num_fewshot,
+                               seed=self.fewshot_seed)
+            docs = [replace(d, shots=tuple((shots[i].query, shots[i].choices[shots[i].gold])
+                                           for i in idx)) for d, idx in zip(docs, drawn)]
         return select(docs, limit, sample, seed)
 
     def requests(self, doc: HellaswagDoc) -> list[LoglikelihoodRequest]:
-        return [LoglikelihoodRequest(doc.query, " " + c) for c in doc.choices]
+        shots = "".join(f"{q} {a}\n\n" for q, a in doc.shots)
+        return [LoglikelihoodRequest(shots + doc.query, " " + c) for c in doc.choices]
 
     def score(self, doc: HellaswagDoc, responses: Sequence) -> dict[str, float]:
         """``responses``: one ``(logprob, is_greedy)`` per choice. acc_norm divides each
@@ -88,5 +108,7 @@ class HellaSwag:
         return mean_metrics(per_doc)
 
     def protocol(self, docs: Sequence[HellaswagDoc]) -> str:
-        """How ``docs`` were built: "lm-eval", or "lm-eval-like: ..." if any was not."""
-        return LM_EVAL if all(d.exact for d in docs) else LM_EVAL_LIKE
+        """How ``docs`` were built: "lm-eval", or "lm-eval-like: ..." if any was not (and
+        the number of exemplars when there are some)."""
+        shots = f" ({self.num_fewshot}-shot from train)" if self.num_fewshot else ""
+        return (LM_EVAL if all(d.exact for d in docs) else LM_EVAL_LIKE) + shots

@@ -14,11 +14,6 @@ from quantcal.config import RunRecord
 from quantcal.rundir import QPARAMS, RUN_JSON, STATS, RunDir
 
 
-@pytest.fixture
-def c4_file(shared_data):
-    return str(shared_data / "c4" / "c4_validation_2k.jsonl.gz")
-
-
 def _calibrate(model_dir, run, data, *extra):
     args = ["calibrate", "--model", str(model_dir), "--data", data, "--samples", "4",
             "--seq-len", "32", "--batch-size", "2", "--sensitivity-samples", "2",

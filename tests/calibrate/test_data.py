@@ -1,4 +1,5 @@
-"""Tests for quantcal.calibrate.data: every input format, the real shared/data files, the
+"""Tests for quantcal.calibrate.data: every input format, the real data files (tests/data;
+the full shared/data where a test takes full_data), the
 token windows (shape, determinism, provenance, disjoint held-out set) and every user error.
 
 CPU only, no network: conftest forces the hub offline.
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -108,27 +107,45 @@ def test_max_chars_stops_early_and_iter_is_lazy(tmp_path):
 # ---------------------------------------------------------------- real data
 
 
-def test_real_c4_jsonl_and_parquet_agree(shared_data, c4_texts, tmp_path):
-    from_dir = load_texts("c4", data_dir=shared_data, max_chars=50_000)
+def test_real_c4_jsonl_and_parquet_agree(sample_data, c4_texts, tmp_path):
+    from_dir = load_texts("c4", data_dir=sample_data, max_chars=50_000)
     assert from_dir == c4_texts[: len(from_dir)] and len(from_dir) > 5
     only_parquet = tmp_path / "c4"
     only_parquet.mkdir()
-    shutil.copy(shared_data / "c4" / "c4_validation_2k.parquet", only_parquet)
+    with gzip.open(sample_data / "c4" / "c4_validation_2k.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]  # text, url, timestamp, as the real parquet
+    pq.write_table(pa.Table.from_pylist(rows), only_parquet / "c4_validation_2k.parquet")
     assert load_texts("C4", data_dir=tmp_path, max_chars=50_000) == from_dir
-    direct = load_texts(str(shared_data / "c4" / "c4_validation_2k.parquet"))
-    assert direct == c4_texts and len(direct) == 2000
+    direct = load_texts(str(only_parquet / "c4_validation_2k.parquet"))
+    assert direct == c4_texts and len(direct) == len(rows) == 120
 
 
-def test_real_data_through_env(shared_data, c4_texts, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(shared_data))
+def test_full_c4_jsonl_and_parquet_agree(full_data):
+    jsonl = load_texts(str(full_data / "c4" / "c4_validation_2k.jsonl.gz"))
+    assert load_texts(str(full_data / "c4" / "c4_validation_2k.parquet")) == jsonl
+    assert len(jsonl) == 2000 and load_texts("c4", data_dir=full_data) == jsonl[:1000]
+
+
+def test_real_data_through_env(sample_data, c4_texts, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(sample_data))
     assert load_texts("c4", max_chars=1)[0] == c4_texts[0]
 
 
-def test_real_wikitext2_crlf_normalised(shared_data):
-    (text,) = load_texts("wikitext2", data_dir=shared_data)  # no train file: test, recorded
+def _wikitext_crlf_normalised(folder: Path, rows: int) -> None:
+    (text,) = load_texts("wikitext2", data_dir=folder)  # no train file: test, recorded
     assert "\r" not in text
     assert text.startswith(" = Robert Boulter = \n\n\n Robert Boulter is an English film")
-    assert text.count("\n") == 2891 + 2 * 2890  # this copy has no blank lines: 2891 rows
+    lines = (folder / "wikitext2" / "wiki.test.raw").read_bytes().split(b"\r\n")
+    assert lines.pop() == b"" and len(lines) == rows and all(line.strip() for line in lines)
+    assert text.count("\n") == rows + 2 * (rows - 1)  # these copies have no blank lines
+
+
+def test_real_wikitext2_crlf_normalised(sample_data):
+    _wikitext_crlf_normalised(sample_data, 120)
+
+
+def test_full_wikitext2_crlf_normalised(full_data):
+    _wikitext_crlf_normalised(full_data, 2891)
 
 
 def test_wiki_rows_follow_the_hub_builder():
@@ -153,10 +170,11 @@ def test_local_wikitext2_is_the_hub_text(tmp_path):
     assert (source.split, source.path) == ("train", str((folder / "wiki.train.raw").resolve()))
 
 
-def test_local_c4_calibrates_on_its_first_half(shared_data, c4_texts):
-    source, texts = data._open("c4", "text", shared_data)
-    assert list(texts) == c4_texts[:1000]
-    assert (source.first_doc, source.docs_read, source.split) == (0, 1000, "train")
+def test_local_c4_calibrates_on_its_first_half(sample_data, c4_texts):
+    source, texts = data._open("c4", "text", sample_data)
+    assert list(texts) == c4_texts[:60] and len(c4_texts) == 120
+    # validation text, whichever half of it calibrates (it once said "train")
+    assert (source.first_doc, source.docs_read, source.split) == (0, 60, "validation")
     assert source.path.endswith("c4_validation_2k.jsonl.gz") and not source.hub
 
 
@@ -176,9 +194,10 @@ def test_read_calibration_records_the_documents_it_used(c4_texts, tiny_tokenizer
     assert source.digests == [doc_digest(c4_texts[i]) for i in sorted(docs)]
 
 
-def test_recorded_windows_need_no_data_folder(shared_data, tiny_tokenizer, monkeypatch):
+def test_recorded_windows_need_no_data_folder(sample_data, c4_file, tiny_tokenizer,
+                                              monkeypatch):
     kw = dict(seq_len=32, samples=4, holdout=2, seed=1)
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(shared_data))
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(sample_data))
     calib, held, source = read_calibration("c4", tiny_tokenizer, **kw)
     monkeypatch.delenv(data.DATA_DIR_ENV)  # a new shell
     config = CalibrateConfig(model="m", data="c4", samples=4, seq_len=32, seed=1,
@@ -187,7 +206,7 @@ def test_recorded_windows_need_no_data_folder(shared_data, tiny_tokenizer, monke
     again, held_again = recorded_windows(record, tiny_tokenizer, holdout=2)
     assert torch.equal(again, calib) and torch.equal(held_again, held)
     named = recorded_windows(record, tiny_tokenizer, holdout=2,
-                             data=str(shared_data / "c4" / "c4_validation_2k.parquet"))
+                             data=c4_file)
     assert named[0].shape == calib.shape
 
 
@@ -246,13 +265,13 @@ def test_pick_windows_uses_every_window_when_asked():
     assert got == [0, 10, 20, 30, 40]
 
 
-def test_load_calibration_data_reads_only_what_it_needs(shared_data, c4_texts, tiny_tokenizer):
+def test_load_calibration_data_reads_only_what_it_needs(sample_data, c4_texts, tiny_tokenizer):
     kw = dict(seq_len=32, samples=8, holdout=2)
-    calib, held = load_calibration_data("c4", tiny_tokenizer, seed=0, data_dir=shared_data, **kw)
+    calib, held = load_calibration_data("c4", tiny_tokenizer, seed=0, data_dir=sample_data, **kw)
     budget = tokens_to_read(**kw)
     assert budget == 2 * 10 * 32
     read = token_stream(c4_texts, tiny_tokenizer, max_tokens=budget)
-    assert budget <= read.numel() < 20_000  # whole documents up to the budget, of ~2M tokens
+    assert budget <= read.numel() < 20_000  # whole documents up to the budget, of ~100k
     index = _window_index(torch.cat([calib, held]), read, 32)  # drawn from that prefix only
     assert len(set(index)) == 10
 
@@ -350,47 +369,3 @@ def test_data_dir_not_a_folder(tmp_path, monkeypatch):
     assert "not a folder" in _error("c4", data_dir=tmp_path / "missing")
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "missing"))
     assert "QUANTCAL_DATA_DIR" in _error("wikitext2")
-
-
-# ---------------------------------------------------------------- the hub, offline
-
-
-def _hub_error(spec: str, **kwargs) -> str:
-    start = time.perf_counter()
-    try:
-        load_texts(spec, max_chars=1, **kwargs)
-    except QuantcalError as exc:
-        assert time.perf_counter() - start < 5, "offline failure must be fast"
-        return str(exc)
-    pytest.skip(f"{spec} is in this machine's HF cache")
-
-
-@pytest.mark.parametrize("spec", ["c4", "wikitext2"])
-def test_offline_hub_says_what_to_do(spec, tmp_path):
-    msg = _hub_error(spec)
-    assert "Hugging Face hub" in msg and "--data PATH" in msg
-    assert "QUANTCAL_DATA_DIR" in msg and "shared/data" in msg
-    msg = _hub_error(spec, data_dir=tmp_path)  # a folder without the data set
-    assert str(tmp_path) in msg and "holds no" in msg
-
-
-def test_offline_set_after_import_is_not_ignored(monkeypatch):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "offline mode" in _hub_error("c4")
-
-
-def test_unreachable_hub_fails_fast(monkeypatch):
-    import urllib.request
-
-    import datasets
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
-    monkeypatch.setattr(urllib.request, "getproxies", dict)
-    assert "unreachable" in _hub_error("c4")

@@ -138,11 +138,6 @@ def test_proxy_not_finite_names_layer_and_format():
     assert "lm_head" in str(info.value) and "int8" in str(info.value)
 
 
-@pytest.fixture
-def c4_file(shared_data):
-    return str(shared_data / "c4" / "c4_validation_2k.jsonl.gz")
-
-
 @pytest.mark.parametrize("extra", [["--no-sensitivity"], [], ["--sequential"]])
 def test_calibrate_cli_activation_overflow(extra, tiny_llama_dir, tmp_path, c4_file):
     folder = tmp_path / "model"

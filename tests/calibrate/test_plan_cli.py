@@ -16,11 +16,11 @@ from quantcal.rundir import PLAN, SENSITIVITY, RunDir, read_record
 
 
 @pytest.fixture(scope="module")
-def planned_run(tmp_path_factory, tiny_llama_dir, shared_data):
+def planned_run(tmp_path_factory, tiny_llama_dir, c4_file):
     run = tmp_path_factory.mktemp("planned") / "run"
     res = CliRunner().invoke(cli, [
         "calibrate", "--model", str(tiny_llama_dir), "--data",
-        str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4", "--seq-len",
+        c4_file, "--samples", "4", "--seq-len",
         "32", "--batch-size", "3", "--sensitivity-samples", "3", "--formats",
         "int8,int4-g64,int4-g32", "--target-bits", "10", "--keep", "lm_head", "--run", str(run)])
     assert res.exit_code == 0, res.output
@@ -208,7 +208,7 @@ def test_proxy_rank_agreement_is_per_format(planned_run):
     assert f"| pooled over formats (inflated by format alone) | {sens.spearman:.3f} |" in text
 
 
-def test_fast_sensitivity_is_labelled_a_proxy(tiny_llama_dir, shared_data, tmp_path):
+def test_fast_sensitivity_is_labelled_a_proxy(tiny_llama_dir, c4_file, tmp_path):
     """--sensitivity fast says what it runs (a forward and a backward pass), and neither
     the summary line nor the report calls its score a KL."""
     help_text = " ".join(CliRunner().invoke(cli, ["calibrate", "--help"]).output.split())
@@ -217,7 +217,7 @@ def test_fast_sensitivity_is_labelled_a_proxy(tiny_llama_dir, shared_data, tmp_p
     run = tmp_path / "run"
     res = CliRunner().invoke(cli, [
         "calibrate", "--model", str(tiny_llama_dir), "--data",
-        str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4", "--seq-len",
+        c4_file, "--samples", "4", "--seq-len",
         "32", "--batch-size", "3", "--sensitivity-samples", "2", "--formats", "int8,int4-g32",
         "--sensitivity", "fast", "--target-bits", "10", "--run", str(run)])
     assert res.exit_code == 0, res.output
@@ -232,12 +232,12 @@ def test_fast_sensitivity_is_labelled_a_proxy(tiny_llama_dir, shared_data, tmp_p
 
 
 def test_plan_measures_in_a_new_shell_without_the_data_folder(tmp_path, tiny_llama_dir,
-                                                              shared_data, monkeypatch):
+                                                              sample_data, c4_file, monkeypatch):
     """Calibrated on a named set from $QUANTCAL_DATA_DIR; in a new shell without it,
     `quantcal plan` re-measures from the source run.json recorded, and `--data` names
     another source when the recorded one is gone."""
     run = tmp_path / "run"
-    monkeypatch.setenv("QUANTCAL_DATA_DIR", str(shared_data))
+    monkeypatch.setenv("QUANTCAL_DATA_DIR", str(sample_data))
     res = CliRunner().invoke(cli, [
         "calibrate", "--model", str(tiny_llama_dir), "--data", "c4", "--samples", "4",
         "--seq-len", "32", "--batch-size", "2", "--sensitivity-samples", "2", "--formats",
@@ -248,5 +248,5 @@ def test_plan_measures_in_a_new_shell_without_the_data_folder(tmp_path, tiny_lla
     assert res.exit_code == 0, res.output
     assert RunDir(run).read_plan().kl_measured is not None
     res = CliRunner().invoke(cli, ["plan", "--run", str(run), "--target-bits", "9", "--data",
-                                   str(shared_data / "c4" / "c4_validation_2k.jsonl.gz")])
+                                   c4_file])
     assert res.exit_code == 0, res.output

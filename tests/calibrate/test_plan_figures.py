@@ -20,14 +20,14 @@ WIDTH = {onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.F
 
 
 @pytest.fixture(scope="module")
-def tied_run(tmp_path_factory, tiny_tokenizer, shared_data):
+def tied_run(tmp_path_factory, tiny_tokenizer, c4_file):
     model_dir = tmp_path_factory.mktemp("tiny-qwen2-tied")
     build_tiny_model("qwen2").save_pretrained(model_dir)  # its config ties the embeddings
     tiny_tokenizer.save_pretrained(model_dir)
     run = tmp_path_factory.mktemp("figures") / "run"
     res = CliRunner().invoke(cli, [
         "calibrate", "--model", str(model_dir), "--data",
-        str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4", "--seq-len",
+        c4_file, "--samples", "4", "--seq-len",
         "32", "--batch-size", "3", "--sensitivity-samples", "2", "--formats",
         "int8,int4-g32", "--target-bits", "6", "--run", str(run)])
     assert res.exit_code == 0, res.output

@@ -133,11 +133,11 @@ def test_truncates_from_the_left(llama_pair):
 
 
 @pytest.fixture(scope="module")
-def quant_run(tiny_llama_dir, shared_data, tmp_path_factory):
+def quant_run(tiny_llama_dir, c4_file, tmp_path_factory):
     run = tmp_path_factory.mktemp("quant") / "run"
     res = CliRunner().invoke(cli, [
         "calibrate", "--model", str(tiny_llama_dir), "--data",
-        str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4", "--seq-len",
+        c4_file, "--samples", "4", "--seq-len",
         "32", "--batch-size", "2", "--sensitivity", "fast", "--sensitivity-samples", "2",
         "--formats", "int4-g32", "--target-bits", "5", "--force",
         "model.embed_tokens=int4-g32", "--run", str(run)])

@@ -18,20 +18,20 @@ def _ok(args):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_llama_dir, shared_data):
+def exported(tmp_path_factory, tiny_llama_dir, c4_file):
     run = tmp_path_factory.mktemp("eval") / "run"
     _ok(["calibrate", "--model", str(tiny_llama_dir), "--data",
-         str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4", "--seq-len",
+         c4_file, "--samples", "4", "--seq-len",
          "32", "--sensitivity", "fast", "--sensitivity-samples", "2", "--keep", "*",
          "--run", str(run)])
     _ok(["export", "--provider", "cpu", "--run", str(run)])
     return RunDir(run)
 
 
-def test_eval_onnx_and_baseline_agree(exported, shared_data):
+def test_eval_onnx_and_baseline_agree(exported, sample_data):
     out = _ok(["eval", "--run", str(exported.path), "--tasks", "hellaswag,wikitext2",
                "--limit", "6", "--provider", "cpu", "--baseline", "--data-dir",
-               str(shared_data)])
+               str(sample_data)])
     assert "acc_norm" in out and "perplexity" in out
     record = read_eval(exported)
     assert len(record.variants) == 2
@@ -47,11 +47,11 @@ def test_eval_onnx_and_baseline_agree(exported, shared_data):
     assert "## Accuracy, size and speed" in text and exported.has("accuracy_vs_size.png")
 
 
-def test_later_tasks_add_to_a_variant(exported, shared_data):
+def test_later_tasks_add_to_a_variant(exported, sample_data):
     _ok(["eval", "--run", str(exported.path), "--tasks", "hellaswag", "--limit", "2",
-         "--provider", "cpu", "--data-dir", str(shared_data)])
+         "--provider", "cpu", "--data-dir", str(sample_data)])
     _ok(["eval", "--run", str(exported.path), "--tasks", "wikitext2", "--limit", "1",
-         "--provider", "cpu", "--data-dir", str(shared_data)])
+         "--provider", "cpu", "--data-dir", str(sample_data)])
     variant = next(v for k, v in read_eval(exported).variants.items() if k.startswith("onnx"))
     assert {"hellaswag", "wikitext2"} <= set(variant.metrics)
 
@@ -60,3 +60,17 @@ def test_eval_unknown_task_is_one_line(exported):
     res = CliRunner().invoke(cli, ["eval", "--run", str(exported.path), "--tasks", "mmlu",
                                    "--provider", "cpu"])
     assert res.exit_code == 2 and "mmlu" in res.output and "Traceback" not in res.output
+
+
+def test_two_exports_named_alike_keep_their_own_figures(exported, sample_data, tmp_path):
+    """Two exports both called model.onnx, in different folders, are two variants: the
+    second never takes the first one's row (it used to, by file name)."""
+    other = tmp_path / "x_other" / "model.onnx"
+    _ok(["export", "--provider", "cpu", "--run", str(exported.path), "-o", str(other)])
+    for model in (exported.file("model.onnx"), other):
+        _ok(["eval", str(model), "--run", str(exported.path), "--tasks", "hellaswag",
+             "--limit", "2", "--provider", "cpu", "--data-dir", str(sample_data)])
+    variants = read_eval(exported).variants
+    sources = {v.source for k, v in variants.items() if k.startswith("onnx")}
+    assert {"model.onnx", str(other.resolve())} <= sources  # inside the run: relative
+    assert "onnx-cpu:x_other/model.onnx" in variants

@@ -119,14 +119,20 @@ def test_hellaswag_local_rows_are_labelled_lm_eval_like():
 
 
 @pytest.fixture(scope="module")
-def gsm8k_docs(shared_data) -> list[Gsm8kDoc]:
-    return GSM8K().load(shared_data, limit=len(GS["docs"]))
+def gsm8k_docs(sample_data) -> list[Gsm8kDoc]:
+    return GSM8K().load(sample_data, limit=len(GS["docs"]))
+
+
+@pytest.fixture(scope="module")
+def gsm8k_full_docs(full_data) -> list[Gsm8kDoc]:
+    """lm-eval's exemplars are drawn from all of GSM8K train: the full data only."""
+    return GSM8K().load(full_data, limit=len(GS["docs"]))
 
 
 @pytest.mark.parametrize("k", range(5))
-def test_gsm8k_request_matches_lm_eval(gsm8k_docs, k):
+def test_gsm8k_request_matches_lm_eval(gsm8k_full_docs, k):
     golden = GS["docs"][k]
-    (req,) = GSM8K().requests(gsm8k_docs[k])
+    (req,) = GSM8K().requests(gsm8k_full_docs[k])
     assert req.context == golden["context"]
     assert req.until == tuple(golden["gen_kwargs"]["until"])
     assert golden["gen_kwargs"]["do_sample"] is False
@@ -135,6 +141,7 @@ def test_gsm8k_request_matches_lm_eval(gsm8k_docs, k):
 @pytest.mark.parametrize("k", range(5))
 def test_gsm8k_scores_match_lm_eval(gsm8k_docs, k):
     golden = GS["docs"][k]
+    assert gsm8k_docs[k].question == golden["question"]
     got = GSM8K().score(gsm8k_docs[k], [golden["generation"]])
     assert got == {GSM_KEYS[f]: v for f, v in golden["exact_match"].items()}
     assert get_task("gsm8k").protocol(gsm8k_docs) == LM_EVAL

@@ -1,7 +1,8 @@
 """Tests for quantcal.evaluate.tasks: lm-eval's HellaSwag preprocessing and acc/acc_norm
 (hub rows exact, local rows lm-eval-like), GSM8K's few-shot sampler, prompt and answer
-filters, standard errors, perplexity windows, document selection, the real shared/data
-files and the offline-hub error. test_lm_eval_golden.py compares with lm-eval's output.
+filters, standard errors, perplexity windows, document selection, the real data files
+(tests/data; the full shared/data where a test takes full_data) and the offline-hub
+error. test_lm_eval_golden.py compares with lm-eval's output.
 
 CPU only, no network: conftest forces the hub offline.
 """
@@ -187,11 +188,11 @@ def test_same_split_draws_one_more_and_drops_the_doc():
         (7, 6, 5, 4, 2), (0, 2, 7, 6, 3)]
 
 
-def test_sampler_matches_lm_eval_contextsampler_on_real_train(shared_data):
+def test_sampler_matches_lm_eval_contextsampler_on_real_train(sample_data):
     rows = [json.loads(line) for line in
-            (shared_data / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+            (sample_data / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
     pool = [json.loads(line) for line in
-            (shared_data / "gsm8k" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+            (sample_data / "gsm8k" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     rnd = random.Random(1234)  # lm-eval: rnd.sample(docs, n), drop doc, keep first 5
     expected = [[x for x in rnd.sample(pool, 5) if x != doc][:5] for doc in rows[:30]]
     got = draw_shots(rows[:30], pool)
@@ -275,10 +276,10 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     assert m["scored_tokens"].value == 499
 
 
-def test_wikitext_local_file(shared_data, tiny_tokenizer):
+def test_wikitext_local_file(sample_data, tiny_tokenizer):
     task = get_task("wikitext2", seq_len=512, stride=256)
-    windows = task.load(shared_data, tokenizer=tiny_tokenizer)
-    lines = (shared_data / "wikitext2" / "wiki.test.raw").read_bytes().decode().split("\r\n")
+    windows = task.load(sample_data, tokenizer=tiny_tokenizer)
+    lines = (sample_data / "wikitext2" / "wiki.test.raw").read_bytes().decode().split("\r\n")
     assert lines.pop() == "" and all(line.strip() for line in lines)  # this copy: no blanks
     text = "\n\n".join(line + "\n" for line in lines)  # the hub's rows, joined
     ids = tiny_tokenizer(text)["input_ids"]
@@ -286,51 +287,67 @@ def test_wikitext_local_file(shared_data, tiny_tokenizer):
     assert sum(w.n_scored for w in windows) == len(ids) - 1
 
 
-def test_c4_local_file_joins_documents(shared_data, c4_texts):
-    windows = get_task("c4", seq_len=4096, stride=4096).load(shared_data, limit=1,
+def test_c4_local_file_joins_documents(sample_data, c4_texts):
+    windows = get_task("c4", seq_len=4096, stride=4096).load(sample_data, limit=1,
                                                              tokenizer=char_tokenizer)
-    expected = "\n\n".join(c4_texts[1000:])[:4096]  # the second half: calibration has the first
+    expected = "\n\n".join(c4_texts[60:])[:4096]  # the second half: calibration has the first
     assert "".join(map(chr, windows[0].input_ids)) == expected
     with pytest.raises(ValueError, match="tokenizer"):
-        get_task("c4").load(shared_data)
+        get_task("c4").load(sample_data)
 
 
 # ---------------------------------------------------------------- real data, hub, registry
 
 
-def test_real_hellaswag(shared_data):
-    docs = TASKS["hellaswag"].load(shared_data)
-    assert len(docs) == 10042
+def test_real_hellaswag(sample_data):
+    docs = TASKS["hellaswag"].load(sample_data)
+    assert len(docs) == 44
     assert docs[0] == HellaswagDoc(
         "Roof shingle removal: A man is sitting on a roof. he",
         ("is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
          "is holding a rubik's cube.", "starts pulling up roofing on a roof."), 3,
         exact=False)  # lm-eval, from ctx_a/ctx_b, would end the query "... roof. He"
     assert TASKS["hellaswag"].protocol(docs).startswith("lm-eval-like")
-    # the file's leftover [bracketed] text is removed as lm-eval removes it
-    assert docs[3505].query.endswith("Visit a site like to find loads of creative activities "
-                                     "for toddlers and preschoolers.. Choose small, simple "
-                                     "games like candy land or chutes and ladders.")
+    # the file's leftover [bracketed] text (items 3505, 4016, 4041, 5592 of the full set) is
+    # removed as lm-eval removes it
+    assert docs[40].query.endswith("Visit a site like to find loads of creative activities "
+                                   "for toddlers and preschoolers.. Choose small, simple "
+                                   "games like candy land or chutes and ladders.")
+    assert docs[41].choices[3].endswith('Try searching for " local events in .')
+    assert not any("[" in c and "]" in c for d in docs for c in (d.query, *d.choices))
+
+
+def test_full_hellaswag(full_data, sample_data):
+    docs = TASKS["hellaswag"].load(full_data)
+    assert len(docs) == 10042
+    sample = TASKS["hellaswag"].load(sample_data)
+    assert [docs[i] for i in (*range(40), 3505, 4016, 4041, 5592)] == sample
     assert not any("[" in c and "]" in c for d in docs for c in d.choices)
     assert [sum(d.gold == k for d in docs) for k in range(4)] == [2515, 2485, 2584, 2458]
 
 
-def test_real_gsm8k_through_env(shared_data, monkeypatch):
-    monkeypatch.setenv(tasks.DATA_DIR_ENV, str(shared_data))
+def test_real_gsm8k_through_env(sample_data, monkeypatch):
+    monkeypatch.setenv(tasks.DATA_DIR_ENV, str(sample_data))
     docs = TASKS["gsm8k"].load()
-    assert len(docs) == 1319
+    assert len(docs) == 20
     assert docs[0].question.startswith("Janet\u2019s ducks lay 16 eggs per day.")
     assert docs[0].answer.endswith("#### 18")
     assert all(len(d.shots) == 5 for d in docs)
-    assert docs[0].shots[0][0].startswith("Jen and Tyler are gymnasts")
     assert GSM8K().score(docs[0], ["She makes 9 * 2 = $18.\n#### 18"]) == {
         "exact_match_strict": 1.0, "exact_match_flexible": 1.0}
 
 
+def test_full_gsm8k(full_data):
+    docs = TASKS["gsm8k"].load(full_data)
+    assert len(docs) == 1319 and all(len(d.shots) == 5 for d in docs)
+    assert docs[0].shots[0][0].startswith("Jen and Tyler are gymnasts")  # lm-eval's draw
+
+
 def test_offline_hub_says_what_to_do(tmp_path):
-    for name in ("hellaswag", "gsm8k", "wikitext2", "c4"):
+    for name in ("hellaswag", "gsm8k", "wikitext2"):
         with pytest.raises(QuantcalError, match="--data-dir DIR or set QUANTCAL_DATA_DIR"):
             TASKS[name].load(tokenizer=char_tokenizer)
+    assert len(TASKS["c4"].documents()) == 200  # the packaged sample's second half instead
     with pytest.raises(QuantcalError, match="holds no hellaswag/hellaswag_val"):
         TASKS["hellaswag"].load(tmp_path)
 

@@ -34,8 +34,8 @@ def _embeddings(record) -> set[str]:
 
 
 @pytest.fixture
-def c4(shared_data):
-    return str(shared_data / "c4" / "c4_validation_2k.jsonl.gz")
+def c4(c4_file):
+    return c4_file
 
 
 def test_fp32_export_matches_torch(tiny_model_dir, tmp_path, c4):
@@ -89,10 +89,10 @@ def test_edited_plan_is_exported_and_bad_plan_rejected(tiny_llama_dir, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def embedding_run(tiny_model_dir, tmp_path_factory, shared_data):
+def embedding_run(tiny_model_dir, tmp_path_factory, c4_file):
     """A run of each family with int4-g32 and int4-g64 qparams (hidden 64: one g64 block)."""
     run = tmp_path_factory.mktemp("embedding") / "run"
-    return _calibrate(tiny_model_dir, run, str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"),
+    return _calibrate(tiny_model_dir, run, c4_file,
                       "--formats", "int4-g32,int4-g64", "--target-bits", "16")
 
 

@@ -161,12 +161,12 @@ def family_dir(request, tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("family_dir", NEW, indirect=True)
-def test_calibrate_plan_export_every_family(family_dir, tmp_path, shared_data):
+def test_calibrate_plan_export_every_family(family_dir, tmp_path, sample_data, c4_file):
     """One calibration; an all-fp16 plan (checked against HF's logits over 100 tokens) and
     a quantized plan (quantcal's parity, and exactly the nodes the plan names)."""
     run = RunDir(tmp_path / "run")
     _ok(["calibrate", "--model", family_dir, "--data",
-         shared_data / "c4" / "c4_validation_2k.jsonl.gz", "--samples", "4", "--seq-len", "32",
+         c4_file, "--samples", "4", "--seq-len", "32",
          "--batch-size", "2", "--formats", "int4-g32,int8", "--target-bits", "6",
          "--sensitivity", "fast", "--sensitivity-samples", "2", "--run", run.path])
     _ok(["export", "--provider", "cpu", "--run", run.path])  # the calibrated (quantized) plan
@@ -198,7 +198,7 @@ def test_calibrate_plan_export_every_family(family_dir, tmp_path, shared_data):
 
     # eval: the quantized export scores; the fp16-plan export scores as HF's torch model does
     common = ["--run", run.path, "--tasks", "hellaswag", "--limit", "4", "--provider", "cpu",
-              "--data-dir", shared_data]
+              "--data-dir", sample_data]
     _ok(["eval", *common])
     _ok(["eval", fp, *common, "--baseline"])
     variants = json.loads(run.file("eval.json").read_text())["variants"]
@@ -229,12 +229,12 @@ def _refusals(tmp_path):
     yield "act", LlamaConfig(**small, hidden_act="gelu_fast"), "hidden_act='gelu_fast'"
 
 
-def test_unsupported_configs_are_refused_before_loading(tmp_path, shared_data):
+def test_unsupported_configs_are_refused_before_loading(tmp_path, c4_file):
     for name, config, field in _refusals(tmp_path):
         folder = _config_only(tmp_path, name, config)
         res = CliRunner().invoke(cli, [
             "calibrate", "--model", folder, "--data",
-            str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--run",
+            c4_file, "--run",
             str(tmp_path / f"run-{name}")])
         lines = res.output.strip().splitlines()
         assert res.exit_code == 2 and len(lines) == 1, (name, res.output)
@@ -244,7 +244,7 @@ def test_unsupported_configs_are_refused_before_loading(tmp_path, shared_data):
 
 @pytest.mark.parametrize("family_dir", ["gemma2"], indirect=True)
 def test_torch_backend_scores_a_new_family_and_any_causal_lm(family_dir, tmp_path,
-                                                             shared_data, tiny_tokenizer):
+                                                             sample_data, tiny_tokenizer):
     """The torch evaluation backend runs a task on Gemma 2, and loads a causal LM quantcal
     does not export (a tiny Mixtral) without the family check."""
     from quantcal.evaluate.backends import TorchBackend
@@ -252,7 +252,7 @@ def test_torch_backend_scores_a_new_family_and_any_causal_lm(family_dir, tmp_pat
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     backend = TorchBackend.from_pretrained(str(family_dir), "cpu", torch.float32)
-    metrics, docs = run_task("hellaswag", backend, data_dir=shared_data, limit=2, sample=None,
+    metrics, docs = run_task("hellaswag", backend, data_dir=sample_data, limit=2, sample=None,
                              seed=0, progress=False)
     assert docs == 2 and 0.0 <= metrics["acc_norm"][0] <= 1.0
     torch.manual_seed(0)

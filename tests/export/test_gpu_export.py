@@ -70,9 +70,9 @@ def export_on(model_dir: Path, tmp: Path, provider: str, data: str) -> Path:
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_export_verified_on_cuda(family, tmp_path, tiny_tokenizer, shared_data) -> None:
+def test_export_verified_on_cuda(family, tmp_path, tiny_tokenizer, c4_file) -> None:
     model_dir = tmp_path / family
     build_tiny_model(family).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     export_on(model_dir, tmp_path, "cuda",
-              str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"))
+              c4_file)

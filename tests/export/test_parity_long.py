@@ -118,14 +118,14 @@ def test_left_padding_is_unsupported_and_refused(tmp_path):
                                atol=1e-4)
 
 
-def test_bf16_checkpoint_exports_and_verifies(tmp_path, shared_data, tiny_tokenizer):
+def test_bf16_checkpoint_exports_and_verifies(tmp_path, c4_file, tiny_tokenizer):
     model = build_tiny_model("llama").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     tiny_tokenizer.save_pretrained(tmp_path / "bf16")
     run = tmp_path / "run"
-    c4 = str(shared_data / "c4" / "c4_validation_2k.jsonl.gz")
+    c4 = c4_file
     res = CliRunner().invoke(cli, [
         "calibrate", "--model", str(tmp_path / "bf16"), "--data", c4, "--samples", "4",
         "--seq-len", "32", "--batch-size", "2", "--sensitivity", "fast",

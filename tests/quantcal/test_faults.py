@@ -16,11 +16,14 @@ its checkpoint).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,7 @@ from quantcal.cli import cli
 from quantcal.rundir import RunDir
 
 VOLATILE = {"timings", "created", "seconds", "speed", "versions"}
+CHILD_TIMEOUT_S = 300  # one faulted command; a child that hangs fails its case
 
 
 def _ok(args):
@@ -38,26 +42,26 @@ def _ok(args):
     return res
 
 
-def _small_data(shared_data: Path, out: Path) -> Path:
+def _small_data(sample_data: Path, out: Path) -> Path:
     """A data folder laid out like shared/data with a few documents (fast to tokenize)."""
     import gzip
 
-    with gzip.open(shared_data / "c4" / "c4_validation_2k.jsonl.gz", "rt") as f:
+    with gzip.open(sample_data / "c4" / "c4_validation_2k.jsonl.gz", "rt") as f:
         lines = [next(f) for _ in range(60)]
     (out / "c4").mkdir(parents=True)
     (out / "c4" / "small.jsonl").write_text("".join(lines))
     (out / "wikitext2").mkdir()
-    text = (shared_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    text = (sample_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
     (out / "wikitext2" / "wiki.test.raw").write_text(text[:20000], encoding="utf-8")
     return out
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, tiny_llama_dir, shared_data):
+def base_run(tmp_path_factory, tiny_llama_dir, sample_data):
     """A calibrated and exported run of a tiny Llama (the 'old' set of every case)."""
     root = tmp_path_factory.mktemp("faults")
     run = root / "run"
-    data = _small_data(shared_data, root / "data")
+    data = _small_data(sample_data, root / "data")
     _ok(["calibrate", "--model", str(tiny_llama_dir), "--data",
          str(data / "c4" / "small.jsonl"), "--samples", "4",
          "--seq-len", "32", "--batch-size", "2", "--sensitivity-samples", "2",
@@ -163,6 +167,7 @@ def _run_child(args: list[str], roots: list[Path], target: int | None, mode: str
         code = 1
         try:
             os.close(read)
+            gc.disable()  # the parent's objects (matplotlib's among them) are not ours to free
             import torch
 
             torch.set_num_threads(1)
@@ -174,7 +179,15 @@ def _run_child(args: list[str], roots: list[Path], target: int | None, mode: str
         finally:
             os._exit(code if isinstance(code, int) else 1)
     os.close(write)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read)
+            pytest.fail(f"quantcal {' '.join(args)} hung for {CHILD_TIMEOUT_S} s")
+        time.sleep(0.02)
+    status = done[1]
     seen = os.read(read, 64).decode()
     os.close(read)
     return os.waitstatus_to_exitcode(status), int(seen or -1)

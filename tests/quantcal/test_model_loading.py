@@ -164,11 +164,6 @@ def test_fp16_overflow_at_load_suggests_float32(tiny_llama_dir, tmp_path):
     assert BAD_PARAM in msg and "--dtype float32" in msg
 
 
-@pytest.fixture
-def c4_file(shared_data):
-    return str(shared_data / "c4" / "c4_validation_2k.jsonl.gz")
-
-
 @pytest.mark.parametrize("case", ["custom code", "pickle only", "nan weight", "inf weight"])
 def test_calibrate_cli_refuses_bad_model_folder(case, tiny_llama_dir, tmp_path, c4_file):
     folder = _copy(tiny_llama_dir, tmp_path / "model")

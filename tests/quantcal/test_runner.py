@@ -184,19 +184,25 @@ def test_not_a_decoder(tmp_path):
         read_spec(session)
 
 
-def test_cuda_request_falls_back_with_one_notice(decoder_path, capsys):
-    session, provider = make_session(decoder_path, "cuda")
-    err = capsys.readouterr().err
-    if provider == "cuda":  # a machine where the CUDA provider really works
-        assert "CUDAExecutionProvider" in session.get_providers() and err == ""
-        return
-    assert session.get_providers() == ["CPUExecutionProvider"]
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("quantcal: CUDA provider unavailable (")
-    assert lines[0].endswith("); running on CPU")
+def test_auto_falls_back_with_one_notice_and_cuda_refuses(decoder_path, monkeypatch, caplog):
+    """Where CUDA cannot run, ``auto`` runs on CPU after one notice (per process) and an
+    explicit ``cuda`` is an error naming the way out."""
+    import quantcal.session as session_module
+
+    monkeypatch.setattr(session_module, "cuda_unusable", lambda device_id=0: "no GPU here")
+    monkeypatch.setattr(session_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(session_module, "_noticed", set())
+    with caplog.at_level("WARNING", logger="quantcal.session"):
+        session, provider = make_session(decoder_path, "auto")
+        make_session(decoder_path, "auto")
+    assert provider == "cpu" and session.get_providers() == ["CPUExecutionProvider"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "quantcal: CUDA provider unavailable (no GPU here); running on CPU"]
     runner = DecoderRunner(session, provider)
     assert len(runner.generate([1, 2, 3], 4)) == 4
+    with pytest.raises(QuantcalError, match=r"--provider cuda: .*\(no GPU here\).*--provider cpu"):
+        make_session(decoder_path, "cuda")
 
 
 def test_cpu_request_is_quiet(decoder_path, capsys):
@@ -210,9 +216,11 @@ def test_missing_and_corrupt_files(tmp_path, decoder_path, capsys):
         make_session(tmp_path / "nope.onnx")
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"this is not a protobuf")
-    for provider in ("auto", "cuda", "cpu"):
+    for provider in ("auto", "cpu"):
         with pytest.raises(QuantcalError, match="could not load .*corrupt"):
             make_session(corrupt, provider)
+    with pytest.raises(QuantcalError, match="could not load .*corrupt|--provider cuda"):
+        make_session(corrupt, "cuda")  # where CUDA cannot run, that is said first
     no_data = tmp_path / "model.onnx"
     no_data.write_bytes(decoder_path.read_bytes())  # without its model.onnx.data
     with pytest.raises(QuantcalError, match="model.onnx.data"):

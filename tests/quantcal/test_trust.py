@@ -55,14 +55,14 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_llama_dir, shared_data):
+def base(tmp_path_factory, tiny_llama_dir, c4_file):
     """A model folder of its own (tests change its weights), calibrated and exported."""
     root = tmp_path_factory.mktemp("trust")
     model = root / "model"
     shutil.copytree(tiny_llama_dir, model)
     run = root / "run"
     _ok(["calibrate", "--model", str(model), "--data",
-         str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4",
+         c4_file, "--samples", "4",
          "--seq-len", "32", "--batch-size", "2", "--sensitivity-samples", "2",
          "--formats", "int8,int4-g32", "--target-bits", "8", "--device", "cpu",
          "--run", str(run)])
@@ -160,12 +160,12 @@ def test_weights_changed_after_calibration_are_refused(case):
     assert _digests(run.path) == before
 
 
-def test_files_of_different_runs_are_refused(case, base, tiny_llama_dir, shared_data):
+def test_files_of_different_runs_are_refused(case, base, tiny_llama_dir, c4_file):
     """A plan from another calibration, and run.json beside another run's qparams."""
     run = RunDir(case / "run")
     other = case / "other"
     _ok(["calibrate", "--model", str(case / "model"), "--data",
-         str(shared_data / "c4" / "c4_validation_2k.jsonl.gz"), "--samples", "4",
+         c4_file, "--samples", "4",
          "--seq-len", "32", "--batch-size", "2", "--sensitivity-samples", "2", "--seed", "7",
          "--formats", "int8,int4-g32", "--target-bits", "8", "--device", "cpu",
          "--run", str(other)])
@@ -180,17 +180,17 @@ def test_files_of_different_runs_are_refused(case, base, tiny_llama_dir, shared_
     assert _digests(run.path) == mixed
 
 
-def test_report_refuses_a_plan_changed_after_export_and_a_stale_eval(case, shared_data):
+def test_report_refuses_a_plan_changed_after_export_and_a_stale_eval(case, sample_data):
     run = RunDir(case / "run")
     _ok(["eval", "--run", str(run.path), "--tasks", "wikitext2", "--limit", "1",
-         "--seq-len", "32", "--provider", "cpu", "--data-dir", str(shared_data)])
+         "--seq-len", "32", "--provider", "cpu", "--data-dir", str(sample_data)])
     _ok(["report", "--run", str(run.path)])
     _ok(["plan", "--run", str(run.path), "--target-bits", "5", "--no-measure"])
     _one_line_error(_invoke(["report", "--run", str(run.path)]), "changed after")
     _ok(["export", "--provider", "cpu", "--run", str(run.path)])
     _one_line_error(_invoke(["report", "--run", str(run.path)]), "earlier export")
     _ok(["eval", "--run", str(run.path), "--tasks", "wikitext2", "--limit", "1",
-         "--seq-len", "32", "--provider", "cpu", "--data-dir", str(shared_data)])
+         "--seq-len", "32", "--provider", "cpu", "--data-dir", str(sample_data)])
     _ok(["report", "--run", str(run.path)])
 
 
@@ -205,7 +205,7 @@ def test_a_second_writer_gets_one_line(case):
     assert _digests(run.path) == before
 
 
-def test_a_second_calibrate_is_refused(case, shared_data):
+def test_a_second_calibrate_is_refused(case):
     run = RunDir(case / "run")
     record = run.read_run()
     before = _digests(run.path)
@@ -223,7 +223,7 @@ def test_a_second_calibrate_is_refused(case, shared_data):
 @pytest.mark.parametrize("stage", ["calibrate", "export", "plan", "eval", "report",
                                    "export-elsewhere"])
 def test_os_faults_are_one_line_and_keep_the_files(case, monkeypatch, stage, code,
-                                                    shared_data):
+                                                    sample_data):
     run = RunDir(case / "run")
     cfg = run.read_run().config
     args = {"calibrate": ["calibrate", "--model", cfg.model, "--data", cfg.data, "--samples",
@@ -235,7 +235,7 @@ def test_os_faults_are_one_line_and_keep_the_files(case, monkeypatch, stage, cod
                                  str(case / "out" / "m.onnx")],
             "plan": ["plan", "--target-bits", "6", "--no-measure"],
             "eval": ["eval", "--tasks", "wikitext2", "--limit", "1", "--seq-len", "32",
-                     "--provider", "cpu", "--data-dir", str(shared_data)],
+                     "--provider", "cpu", "--data-dir", str(sample_data)],
             "report": ["report"]}[stage]
     before = _digests(run.path)
     real = os.replace
