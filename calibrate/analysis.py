@@ -27,6 +27,7 @@ from quantcal.calibrate.qparams import QPARAMS_KIND
 from quantcal.calibrate.sensitivity import (
     exact_sensitivity, output_fisher, proxy_sensitivity, spearman, spearman_per_format,
 )
+from quantcal.calibrate.speed import SpeedOptions
 from quantcal.calibrate.stats import LayerStats
 from quantcal.config import Budget, Plan, RunRecord, SensitivityRecord
 from quantcal.models import weight_matrix
@@ -116,14 +117,16 @@ def _checked_inputs(run: RunDir, record: RunRecord) -> tuple[SensitivityRecord, 
 
 
 def replan(run: RunDir, *, budget: Budget | None, rules: Rules, output: Path | None = None,
-           measure: bool = True, data: str | None = None, progress: bool = True) -> Plan:
-    """``quantcal plan``: a new plan from ``sensitivity.json``; measured unless ``measure``
-    is False (measuring loads the model and the held-out windows again, from the data
-    source run.json records, or from ``data``). The run's own plan.json is replaced as one
-    transaction with its sensitivity.png."""
+           measure: bool = True, data: str | None = None, progress: bool = True,
+           speed: SpeedOptions | None = None) -> Plan:
+    """``quantcal plan``: a new plan from ``sensitivity.json`` (under ``speed``'s goals and
+    table, see :func:`make_plan`); measured unless ``measure`` is False (measuring loads
+    the model and the held-out windows again, from the data source run.json records, or
+    from ``data``). The run's own plan.json is replaced as one transaction with its
+    sensitivity.png."""
     record = run.read_run()
     sens, qdigest = _checked_inputs(run, record)
-    plan = replace(make_plan(record, sens, budget, rules), made_from={QPARAMS: qdigest})
+    plan = replace(make_plan(record, sens, budget, rules, speed), made_from={QPARAMS: qdigest})
     own = output is None or Path(output).resolve() == run.file(PLAN).resolve()
     with run.lock("plan"):
         if measure:

@@ -38,6 +38,7 @@ from quantcal.models import (
     load_model, max_positions, quantizable_layers, resolve_device, resolve_dtype, weight_matrix,
 )
 from quantcal.provenance import model_digests, sha256_file
+from quantcal.resources import peak_figures, start_stage
 from quantcal.rundir import (
     EVAL_JSON, EXPORT_JSON, MODEL, PLAN, QPARAMS, REPORT, RUN_JSON, SENSITIVITY, STATS, RunDir,
     load_tensors, read_record, save_tensors, atomic_write_json,
@@ -124,6 +125,7 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
         The ``run.json`` record written.
     """
     check_run_dir(run, config, overwrite)
+    flags = start_stage()
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -140,7 +142,7 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
         config.data, tokenizer, seq_len=config.seq_len, samples=config.samples,
         seed=config.seed, holdout=HELD_OUT_SETS * config.sensitivity_samples
         if config.sensitivity != "none" else 0, text_field=config.text_field)
-    timings = {"load_s": load_s, "data_s": time.perf_counter() - t}
+    timings = {"load_s": load_s, "data_s": time.perf_counter() - t, **flags}
     layers = quantizable_layers(model)
     shape_only = RunRecord(config=config, layers=layers, **_outside_bytes(model, layers),
                            model_files=model_digests(config.model, config.revision),
@@ -224,7 +226,7 @@ def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, hel
                         model, qparams, measure_on, batch_size=config.batch_size, device=device)
         write_plan(folder, sens, plan)
         timings["sensitivity_plan_s"] = time.perf_counter() - t
-    timings = {**ckpt.state["timings"], **timings,
+    timings = {**ckpt.state["timings"], **timings, **peak_figures(),
                "total_s": time.perf_counter() - t0}
     record = replace(record, timings=timings)
     atomic_write_json(folder / RUN_JSON, record)

@@ -8,6 +8,13 @@ layer ``l``; each layer picks exactly one. Budgets:
 - ``max_size`` S: predicted exported model size <= S (everything outside the plan counted);
 - ``max_kl`` X: minimise size subject to total predicted KL <= X.
 
+Speed: each candidate carries its latency per decode step (us) and :class:`FuseGroup` says
+which layers (q, k, v; gate, up) the export computes as one node when they share a format.
+Binary ``y[g, f]``, linked to be exactly "every layer of group g picked f", makes the fused
+latency linear, so ``max_latency`` (``--min-tok-s``) is one more constraint of the same
+program, and ``prefer_fused`` (``--prefer-fusable TOL``) a second stage: the most fused groups
+among plans within TOL of the optimum (see :func:`solve`).
+
 Rules narrow a layer's candidates first: ``keep`` globs pin fp16, ``force`` globs pin a format.
 Optional layers (the token embedding: no sensitivity score to plan it by) enter the plan only
 when a rule pins them to a quantized format. Pure functions of the candidates; reading and
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Collection
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -31,6 +38,7 @@ class Candidate:
     fmt: Format
     nbytes: int
     score: float
+    latency: float = 0.0  # microseconds per decode step of this layer alone in fmt
 
 
 @dataclass(frozen=True)
@@ -92,53 +100,188 @@ def apply_rules(candidates: dict[str, list[Candidate]], rules: Rules,
     return out, reasons
 
 
-def _milp(cost: np.ndarray, weight: np.ndarray, groups: list[range], limit: float
-          ) -> np.ndarray | None:
-    """min cost.x  s.t.  weight.x <= limit, one x per group, x binary. None if infeasible."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+@dataclass(frozen=True)
+class FuseGroup:
+    """Layers that read one input (q, k, v or gate, up of a block): the export computes them
+    as one node when they share a format. ``fused[fmt]``: that node's latency (us); formats
+    it lacks are not fused."""
 
-    n = cost.size
-    onehot = np.zeros((len(groups), n))
-    for g, idx in enumerate(groups):
-        onehot[g, list(idx)] = 1.0
-    scale = max(float(np.abs(weight).max()), 1e-30)
-    constraints = [LinearConstraint(onehot, 1.0, 1.0),
-                   LinearConstraint((weight / scale)[None, :], -np.inf, limit / scale)]
-    cscale = max(float(np.abs(cost).max()), 1e-30)
-    res = milp(cost / cscale, constraints=constraints, integrality=np.ones(n),
-               bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0, "presolve": True})
-    if res.x is None:
+    layers: tuple[str, ...]
+    fused: dict[Format, float]
+
+
+def _shared(chosen: dict[str, Candidate], group: FuseGroup) -> Format | None:
+    """The format every layer of ``group`` has in ``chosen``, if the group fuses in it."""
+    fmts = {chosen[n].fmt for n in group.layers if n in chosen}
+    if len(fmts) != 1 or any(n not in chosen for n in group.layers):
         return None
-    return np.round(res.x).astype(bool)
+    fmt = fmts.pop()
+    return fmt if fmt in group.fused else None
+
+
+def latency_of(chosen: dict[str, Candidate], groups: Sequence[FuseGroup] = ()) -> float:
+    """Microseconds of the chosen layers: each alone, but a group sharing a format as its
+    one fused node."""
+    total = sum(c.latency for c in chosen.values())
+    for group in groups:
+        fmt = _shared(chosen, group)
+        if fmt is not None:
+            total += group.fused[fmt] - sum(chosen[n].latency for n in group.layers)
+    return total
+
+
+def fused_count(chosen: dict[str, Candidate], groups: Sequence[FuseGroup]) -> int:
+    """How many groups share a format (one node each in the export)."""
+    return sum(_shared(chosen, g) is not None for g in groups)
+
+
+class _Program:
+    """The 0/1 program: ``x`` picks one candidate per layer; with groups, ``y[g, f]`` is 1
+    exactly when every layer of group ``g`` picks ``f`` (``y <= x_l`` for each member and
+    ``y >= sum x_l - (members - 1)``), so the fused latency and the count of fused groups
+    are linear in ``(x, y)``."""
+
+    def __init__(self, candidates: dict[str, list[Candidate]], groups: Sequence[FuseGroup]):
+        self.names = list(candidates)
+        self.flat = [c for n in self.names for c in candidates[n]]
+        self.ranges, start, col = {}, 0, {}
+        for n in self.names:
+            self.ranges[n] = range(start, start + len(candidates[n]))
+            for i in self.ranges[n]:
+                col[n, self.flat[i].fmt] = i
+            start += len(candidates[n])
+        self.links = []  # (members' x columns, latency of the fused node minus theirs)
+        for g in groups:
+            for fmt, us in g.fused.items():
+                cols = [col.get((n, fmt)) for n in g.layers]
+                if None not in cols:
+                    self.links.append((cols, us - sum(self.flat[i].latency for i in cols)))
+        self.size = len(self.flat) + len(self.links)
+
+    def column(self, what: str) -> np.ndarray:
+        """bytes, score, latency or fused (1 per fused group) of each variable."""
+        none = [0.0] * len(self.flat)
+        x = {"bytes": [c.nbytes for c in self.flat], "score": [c.score for c in self.flat],
+             "latency": [c.latency for c in self.flat]}.get(what, none)
+        y = {"latency": [d for _, d in self.links],
+             "fused": [1.0] * len(self.links)}.get(what, [0.0] * len(self.links))
+        return np.array(list(x) + list(y), dtype=np.float64)
+
+    def solve(self, cost: np.ndarray, limits: dict[str, float]) -> np.ndarray | None:
+        """min cost.(x, y) within ``limits`` (upper bounds of columns); x as a bool array,
+        None if infeasible."""
+        from scipy.optimize import Bounds, LinearConstraint, milp
+        from scipy.sparse import coo_matrix
+
+        rows, cols, vals, lo, hi = [], [], [], [], []
+
+        def row(entries, low, high):
+            for c, v in entries:
+                rows.append(len(lo)), cols.append(c), vals.append(v)
+            lo.append(low), hi.append(high)
+
+        for n in self.names:
+            row([(i, 1.0) for i in self.ranges[n]], 1.0, 1.0)
+        for k, (members, _) in enumerate(self.links):
+            y = len(self.flat) + k
+            for i in members:
+                row([(y, 1.0), (i, -1.0)], -np.inf, 0.0)
+            row([(i, 1.0) for i in members] + [(y, -1.0)], -np.inf, len(members) - 1.0)
+        constraints = [LinearConstraint(coo_matrix((vals, (rows, cols)),
+                                                   shape=(len(lo), self.size)), lo, hi)]
+        for what, limit in limits.items():
+            weight = self.column(what)
+            scale = max(float(np.abs(weight).max()), 1e-30)
+            constraints.append(LinearConstraint((weight / scale)[None, :], -np.inf,
+                                                limit / scale))
+        cscale = max(float(np.abs(cost).max()), 1e-30)
+        res = milp(cost / cscale, constraints=constraints, integrality=np.ones(self.size),
+                   bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0, "presolve": True})
+        if res.x is None:
+            return None
+        return np.round(res.x[:len(self.flat)]).astype(bool)
+
+    def chosen(self, x: np.ndarray) -> dict[str, Candidate]:
+        return {n: self.flat[next(i for i in self.ranges[n] if x[i])] for n in self.names}
+
+
+def _within(program: _Program, cost: np.ndarray, limits: dict[str, float],
+            groups: Sequence[FuseGroup]) -> dict[str, Candidate] | None:
+    """The optimum of ``cost`` within ``limits``, checked exactly: the solver's feasibility
+    tolerance is relative, so a limit it overshoots is tightened and the program solved
+    again (bytes are whole numbers; latency is held to 1e-9 of its limit)."""
+    limits = dict(limits)
+    for _ in range(4):
+        x = program.solve(cost, limits)
+        if x is None:
+            return None
+        chosen = program.chosen(x)
+        over = {}
+        if "bytes" in limits and sum(c.nbytes for c in chosen.values()) > limits["bytes"]:
+            over["bytes"] = limits["bytes"] - max(1.0, 1e-9 * limits["bytes"])
+        if "latency" in limits and (latency_of(chosen, groups)
+                                    > limits["latency"] * (1 + 1e-9)):
+            over["latency"] = limits["latency"] * (1 - 1e-9)
+        if not over:
+            return chosen
+        limits.update(over)
+    return None
 
 
 def solve(candidates: dict[str, list[Candidate]], *, max_bytes: int | None = None,
-          max_score: float | None = None) -> dict[str, Candidate]:
+          max_score: float | None = None, max_latency: float | None = None,
+          groups: Sequence[FuseGroup] = (), prefer_fused: float | None = None
+          ) -> dict[str, Candidate]:
     """The exact optimum: least total score within ``max_bytes``, or least bytes within
-    ``max_score`` (ties broken towards the lower score). Raises if infeasible."""
-    names = list(candidates)
-    flat = [c for n in names for c in candidates[n]]
-    groups, start = [], 0
-    for n in names:
-        groups.append(range(start, start + len(candidates[n])))
-        start += len(candidates[n])
-    nbytes = np.array([c.nbytes for c in flat], dtype=np.float64)
-    score = np.array([c.score for c in flat], dtype=np.float64)
+    ``max_score`` (ties broken towards the lower score), in both cases within
+    ``max_latency`` microseconds (:func:`latency_of`) when given.
+
+    ``prefer_fused`` (TOL, in score units) adds a second stage: among the plans within the
+    same limits whose score is at most the optimum's plus TOL (and, under ``max_score``,
+    whose bytes do not exceed the optimum's), the one with the most groups sharing a format
+    (:func:`fused_count`), ties broken by the first stage's objective. Raises if infeasible.
+    """
+    with_groups = groups if (max_latency is not None or prefer_fused is not None) else ()
+    program = _Program(candidates, with_groups)
+    nbytes, score = program.column("bytes"), program.column("score")
+    limits = {k: float(v) for k, v in (("bytes", max_bytes), ("score", max_score),
+                                       ("latency", max_latency)) if v is not None}
     if max_bytes is not None:
-        limit = float(max_bytes)
-        for _ in range(3):  # the solver's feasibility tolerance is relative: verify exactly
-            x = _milp(score, nbytes, groups, limit)
-            if x is None or int(sum(c.nbytes for c, on in zip(flat, x) if on)) <= max_bytes:
-                break
-            limit -= max(1.0, 1e-9 * limit)
+        cost = score
     else:
-        tie = score / max(float(score.sum()), 1e-30) * 1e-6 * float(nbytes.min())
-        x = _milp(nbytes + tie, score, groups, float(max_score))
-    if x is None:
+        least = float(nbytes[:len(program.flat)].min())
+        cost = nbytes + score / max(float(score.sum()), 1e-30) * 1e-6 * least
+    chosen = _within(program, cost, limits, with_groups)
+    if chosen is None:
         raise QuantcalError("no assignment of formats meets the budget; loosen it (a larger "
-                            "--target-bits, --max-size or --max-kl) or drop a --keep/--force "
-                            "rule")
-    return {n: flat[next(i for i in groups[k] if x[i])] for k, n in enumerate(names)}
+                            "--target-bits, --max-size, --max-kl or a lower --min-tok-s) or "
+                            "drop a --keep/--force rule")
+    if prefer_fused is None or not program.links:
+        return chosen
+    second = dict(limits)
+    if max_bytes is None:  # the size is what this budget minimises: it may not grow, and
+        # the optimum's score is the least at that size (exactly, not the tie-break's)
+        second["bytes"] = float(sum(c.nbytes for c in chosen.values()))
+        chosen = _within(program, score, second, with_groups) or chosen
+    best = sum(c.score for c in chosen.values())
+    second["score"] = min(limits.get("score", np.inf), best + prefer_fused)
+    # one fused group outweighs any tie-break: the tie term of a plan stays below 1/2
+    worst = sum(max(cost[i] for i in program.ranges[n]) for n in program.names)
+    tie = cost / max(2.0 * float(worst), 1e-30)
+    return _within(program, tie - program.column("fused"), second, with_groups) or chosen
+
+
+def least_latency(candidates: dict[str, list[Candidate]], groups: Sequence[FuseGroup] = (),
+                  *, max_bytes: int | None = None, max_score: float | None = None) -> float:
+    """The lowest :func:`latency_of` any assignment within the budget reaches."""
+    program = _Program(candidates, groups)
+    limits = {k: float(v) for k, v in (("bytes", max_bytes), ("score", max_score))
+              if v is not None}
+    chosen = _within(program, program.column("latency"), limits, groups)
+    if chosen is None:
+        raise QuantcalError("no assignment of formats meets the budget; loosen it or drop a "
+                            "--keep/--force rule")
+    return latency_of(chosen, groups)
 
 
 def feasible_bytes(candidates: dict[str, list[Candidate]]) -> tuple[int, int]:

@@ -11,7 +11,9 @@ fp16 table) for its format's, and a tied head is counted once with the embedding
 ``shares_tied_weight`` says the export stores them once: under every budget (bits, size,
 KL) such a head costs 0 bits, so quantizing it never "saves" room. The plan predicts the
 size of both exports: fp16 (``--provider cuda``) and fp32 (``--provider cpu``, whose
-unquantized weights, norms and scales take twice the bytes).
+unquantized weights, norms and scales take twice the bytes), and its decode tokens/s at
+batch 1 from a kernel latency table (:mod:`quantcal.calibrate.speed`), which
+``--min-tok-s`` bounds and ``--prefer-fusable`` trades KL for.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from quantcal.calibrate.planner import Candidate, Rules, apply_rules, feasible_bytes, solve
+from quantcal.calibrate.speed import SpeedOptions, SpeedProblem, predict, speed_problem
 from quantcal.config import Budget, LayerPlan, Plan, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError
 from quantcal.fakequant import fake_quant_modules, swapped
@@ -115,7 +118,7 @@ def _size_costs(record: RunRecord, cands: dict[str, list[Candidate]]
         return cands
     emb = cands.get(_embedding(record))
     emb_fmt = emb[0].fmt if emb else FP16()
-    head = [Candidate(c.fmt, 0, c.score) if _head_shared(record, emb_fmt, c.fmt) else c
+    head = [replace(c, nbytes=0) if _head_shared(record, emb_fmt, c.fmt) else c
             for c in cands["lm_head"]]
     return {**cands, "lm_head": head}
 
@@ -165,8 +168,8 @@ def bits_range(record: RunRecord, cands: dict[str, list[Candidate]]) -> tuple[fl
     return 8 * lo / weights, max(8 * hi / weights, 16.0)
 
 
-def _target_bits(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
-                 ) -> dict[str, Candidate]:
+def _target_bits(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord,
+                 speed: SpeedProblem | None = None) -> dict[str, Candidate]:
     """Least score within ``budget.value`` stored bits per weight; a tied head stored with
     the embedding table costs 0 bits, so quantizing it saves nothing."""
     weights, given = _weights(record, cands), cands
@@ -184,19 +187,27 @@ def _target_bits(budget: Budget, cands: dict[str, list[Candidate]], record: RunR
                             f"{lo_b:.3f} to {hi_b:.3f} bits/weight (the largest plan); pass "
                             f"--target-bits {hi_b:g} or less")
     least = feasible_bytes(cands)[0]  # a budget rounded to lo_b may floor below it
-    return _solve_costed(record, given, max_bytes=max(int(budget.value * weights // 8), least))
+    return _solve_costed(record, given, speed,
+                         max_bytes=max(int(budget.value * weights // 8), least))
 
 
-def _solve_costed(record: RunRecord, cands: dict[str, list[Candidate]], **limit
-                  ) -> dict[str, Candidate]:
+def _solve_costed(record: RunRecord, cands: dict[str, list[Candidate]],
+                  speed: SpeedProblem | None = None, **limit) -> dict[str, Candidate]:
     """:func:`solve` with each candidate costed by what it adds to the export (a tied head
-    stored with the embedding: nothing); returns the candidates as given."""
-    picked = solve(_size_costs(record, cands), **limit)
+    stored with the embedding: nothing) and the speed side of the program (``--min-tok-s``,
+    ``--prefer-fusable``); returns the candidates as given."""
+    costed = _size_costs(record, cands)
+    try:
+        picked = solve(costed, **limit, **(speed.solver_kwargs() if speed else {}))
+    except QuantcalError:
+        if speed is None or speed.options.min_tok_s is None:
+            raise
+        raise speed.unreachable(costed, limit) from None
     return {n: next(c for c in cands[n] if c.fmt == p.fmt) for n, p in picked.items()}
 
 
-def _max_size(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
-              ) -> dict[str, Candidate]:
+def _max_size(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord,
+              speed: SpeedProblem | None = None) -> dict[str, Candidate]:
     costed = _size_costs(record, cands)
     lo, most = feasible_bytes(costed)
     weights = sum(record.layers[n].in_features * record.layers[n].out_features for n in cands)
@@ -217,11 +228,11 @@ def _max_size(budget: Budget, cands: dict[str, list[Candidate]], record: RunReco
         raise QuantcalError(f"--max-size {budget.value / 1e6:.2f}MB is above the feasible "
                             f"range {low_mb:.2f}MB to {high_mb:.2f}MB (the largest plan); pass "
                             f"--max-size {math.floor(high_mb * 100) / 100:.2f}MB or less")
-    return _solve_costed(record, cands, max_bytes=int(budget.value - outside))
+    return _solve_costed(record, cands, speed, max_bytes=int(budget.value - outside))
 
 
-def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord
-                  ) -> dict[str, Candidate]:
+def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: RunRecord,
+                  speed: SpeedProblem | None = None) -> dict[str, Candidate]:
     """Solve under ``budget``; an unreachable budget names the feasible range, the value to
     pass instead and a format that would reach it."""
     # a budget is an upper bound: above what the rules allow it is slack, not an error;
@@ -230,9 +241,9 @@ def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: Run
         raise QuantcalError(f"budget {budget.kind} = {budget.value}: give a finite number "
                             "above 0")
     if budget.kind == "target_bits":
-        return _target_bits(budget, cands, record)
+        return _target_bits(budget, cands, record, speed)
     if budget.kind == "max_size":
-        return _max_size(budget, cands, record)
+        return _max_size(budget, cands, record, speed)
     if budget.kind == "max_kl":
         least = sum(min(c.score for c in cs) for cs in cands.values())
         if budget.value < least:
@@ -240,7 +251,7 @@ def _solve_budget(budget: Budget, cands: dict[str, list[Candidate]], record: Run
                 f"--max-kl {budget.value:g} cannot be met: the layers these rules pin "
                 f"predict {least:.4g} nats/token at the least; pass --max-kl {least:.4g} or "
                 "more, or drop a --force rule")
-        return _solve_costed(record, cands, max_score=budget.value)
+        return _solve_costed(record, cands, speed, max_score=budget.value)
     raise QuantcalError(f"budget {budget.kind!r} cannot be planned; use --target-bits, "
                         "--max-size or --max-kl")
 
@@ -264,26 +275,33 @@ def default_budget(record: RunRecord, cands: dict[str, list[Candidate]]) -> Budg
 
 
 def make_plan(record: RunRecord, sens: SensitivityRecord, budget: Budget | None,
-              rules: Rules) -> Plan:
-    """Solve for ``budget`` (None: :func:`default_budget`) under ``rules`` and describe the
-    result as a Plan."""
-    if budget is not None and budget.kind == "max_kl" and sens.method != "exact":
-        raise QuantcalError("--max-kl needs exact sensitivities (KL); the fast proxy is not in "
-                            "KL units: re-run `quantcal calibrate --sensitivity exact`")
+              rules: Rules, speed: SpeedOptions | None = None) -> Plan:
+    """Solve for ``budget`` (None: :func:`default_budget`) under ``rules`` and ``speed``'s
+    goals (None: none; predicted with the shipped latency table) and describe the result as
+    a Plan."""
+    for flag, given in (("--max-kl", budget is not None and budget.kind == "max_kl"),
+                        ("--prefer-fusable", speed and speed.prefer_fusable is not None)):
+        if given and sens.method != "exact":
+            raise QuantcalError(f"{flag} needs exact sensitivities (KL); the fast proxy is not "
+                                "in KL units: re-run `quantcal calibrate --sensitivity exact`")
+    speed = speed or SpeedOptions.default()
     embeddings = embedding_candidates(record, sens.formats)
     cands, reasons = apply_rules({**candidates(record, sens), **embeddings}, rules,
                                  optional=embeddings)
     budget = budget or default_budget(record, cands)
-    chosen = _solve_budget(budget, cands, record)
+    timed, problem = speed_problem(record, cands, speed)
+    chosen = _solve_budget(budget, timed, record, problem)
+    tok_s, share, how = predict(record, {n: c.fmt for n, c in chosen.items()}, speed)
     layers = {}
     for name, c in chosen.items():
         info = record.layers[name]
         bits = 8 * c.nbytes / (info.out_features * info.in_features)
+        latency = None if name in embeddings else round(share[name], 4)
         layers[name] = LayerPlan(c.fmt, bits=round(bits, 4), bytes=c.nbytes,
                                  score=None if name in embeddings else c.score,
-                                 reason=reasons[name])
+                                 reason=reasons[name], latency_us=latency)
     return replace(describe(record, layers, budget), predicted_by=sens.method,
-                   score_windows=sens.samples)
+                   score_windows=sens.samples, predicted_tok_s=tok_s, speed=how)
 
 
 def _float_bytes(fmt: Format, n: int, k: int, embedding: bool) -> int:

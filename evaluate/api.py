@@ -25,6 +25,7 @@ from quantcal.models import resolve_device
 from quantcal.evaluate.speed import bench_model
 from quantcal.export.positions import model_positions
 from quantcal.provenance import model_digests, model_folder, onnx_digests
+from quantcal.resources import start_stage
 from quantcal.rundir import RunDir
 
 
@@ -122,6 +123,7 @@ def _n_shot(task: str, num_fewshot: int | None) -> int:
 def _evaluate_one(name, is_baseline, run, tasks, *, provider, device, batch_size,
                   **kw) -> VariantResult:
     """Evaluate one variant into eval.json and return it."""
+    start_stage()  # its peaks: the backend, the tasks
     backend = make_backend(name, run, provider=provider, device=device, batch_size=batch_size)
     label = ("baseline fp32 (torch)" if is_baseline else
              f"{backend.name}:{Path(str(getattr(backend, 'path', name))).name}")

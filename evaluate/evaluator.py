@@ -24,6 +24,7 @@ from quantcal.evaluate.tasks import (
     GenerateRequest, LoglikelihoodRequest, PerplexityWindow, get_task, select,
 )
 from quantcal.export.positions import model_positions
+from quantcal.resources import describe as describe_peaks, peak_figures
 from quantcal.rundir import EVAL_JSON, RUN_JSON, RunDir, atomic_write_json, read_json
 from quantcal.textdata import doc_digest
 
@@ -46,6 +47,8 @@ class VariantResult(Strict):
     # per task scored with --allow-overlap: {"documents": n, "overlapping": k} of its text
     # that calibration read (run.json's data_source digests)
     overlap: dict[str, dict[str, int]] = field(default_factory=dict)
+    # peak host RAM and peak GPU memory (torch) of the evaluation, in bytes
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,8 @@ def evaluate_variant(label: str, backend, tasks: Sequence[str], run: RunDir, *,
         overlap = {**{t: o for t, o in earlier.overlap.items() if t not in tasks}, **overlap}
     result = VariantResult(model=label, backend=backend.name, metrics=metrics, docs=docs,
                            size_bytes=size_bytes, speed=speed or {},
-                           seconds=time.perf_counter() - t, source=source,
+                           seconds=time.perf_counter() - t, resources=peak_figures(),
+                           source=source,
                            made_from=made_from or {}, protocols=protocols, overlap=overlap)
     atomic_write_json(run.file(EVAL_JSON),
                       EvalRecord(variants={**record.variants, label: result}))
@@ -294,4 +298,6 @@ def format_results(record: EvalRecord) -> str:
     lines += [f"{lbl}: {task} is {p}" for lbl in labels
               for task, p in record.variants[lbl].protocols.items()
               if p.startswith("lm-eval-like")]
+    lines += [f"{lbl}: {v.seconds:.1f} s, {describe_peaks(v.resources)}"
+              for lbl, v in record.variants.items() if v.resources]
     return "\n".join(lines)

@@ -2,10 +2,12 @@
 
 Reads ``run.json``, ``qparams.safetensors`` and the plan (``plan.json`` or a user's edited
 copy), and refuses them unless they belong together and the model's files are still the
-ones calibrated (:mod:`quantcal.provenance`). Builds the decoder for the model's family and
-writes ``model.onnx`` (+ ``.onnx.data``) into a staging folder, verifies it there (the ONNX
-checker, logits against the torch model with the same fake-quant, greedy decoding with the
-KV cache against recomputation) and, only when it passed, promotes the model with its record
+ones calibrated (:mod:`quantcal.provenance`). Builds the decoder for the model's family
+(q/k/v and gate/up of one format as one node each unless ``fuse`` is off,
+:mod:`quantcal.export.fusion`) and writes ``model.onnx`` (+ ``.onnx.data``) into a staging
+folder, verifies it there (the ONNX checker, logits against the torch model with the same
+fake-quant, greedy decoding with the KV cache against recomputation, every layer alone or
+through its fused node) and, only when it passed, promotes the model with its record
 (``export.json``) as one transaction (:mod:`quantcal.txn`), with the files that make its
 folder an onnxruntime-genai model (:mod:`quantcal.export.genai`). A failed or interrupted
 export leaves the previous verified export untouched; a failed one is set aside in
@@ -68,11 +70,13 @@ def _finite(figures: dict) -> dict:
 
 
 def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "cuda",
-                output: Path | None = None, verify_provider: str | None = None
-                ) -> ExportRecord:
+                output: Path | None = None, verify_provider: str | None = None,
+                fuse: bool = True) -> ExportRecord:
     """Export the run's model under its plan for ``provider`` (``auto``: cuda where it runs,
     else cpu, decided once the inputs are known good); verify it (on ``verify_provider``, by
-    default the target provider, which must then run here); commit it with its record."""
+    default the target provider, which must then run here); commit it with its record.
+    ``fuse``: q/k/v and gate/up sharing a format as one node each (the record's ``fused``
+    names them)."""
     if provider not in (*DTYPES, "auto"):
         raise QuantcalError(f"--provider {provider!r}: use auto, cuda or cpu")
     record, plan, made_from = _checked_inputs(run, plan_path)
@@ -89,7 +93,7 @@ def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "
                           staging_root=".staging" if own else ".quantcal-staging")
             try:
                 out = _build_and_verify(stage, path, run, record, plan, made_from,
-                                        provider, verify_provider)
+                                        provider, verify_provider, fuse)
                 if not out.passed:
                     failed = folder / (".failed-export" if own else f".failed-{path.stem}")
                     stage.set_aside(failed)
@@ -106,7 +110,8 @@ def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "
 
 
 def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made_from: dict,
-                      provider: str, verify_provider: str | None) -> ExportRecord:
+                      provider: str, verify_provider: str | None, fuse: bool
+                      ) -> ExportRecord:
     """Build, save and verify the model in the staging folder; write its record there."""
     t0 = time.perf_counter()
     qparams, meta = run.load_tensors(QPARAMS, "qparams")
@@ -115,14 +120,16 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
                                   trust_remote_code=record.config.trust_remote_code,
                                   dtype=torch.float32, device="cpu")
     dtype = DTYPES[provider]
-    graph = build_decoder(model, formats, qparams, dtype).model()
+    builder = build_decoder(model, formats, qparams, dtype, fuse=fuse)
+    graph = builder.model()
     staged = stage.file(final.name)
     save_model(graph, staged)
     timings = {"build_s": time.perf_counter() - t0}
     onnx.checker.check_model(str(staged), full_check=False)
     t = time.perf_counter()
     parity = check_parity(staged, model, formats, qparams,
-                          provider=verify_provider or provider, dtype=dtype)
+                          provider=verify_provider or provider, dtype=dtype,
+                          fused=builder.fused)
     timings["verify_s"] = time.perf_counter() - t
     files = onnx_digests(staged)
     genai = write_genai_files(stage.dir, final.name, model, tokenizer, record.config.model,
@@ -131,7 +138,7 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
         model=record.config.model, provider=provider, dtype=np.dtype(dtype).name,
         path=final.name, file_bytes=sum((stage.dir / n).stat().st_size for n in files),
         ops=graph_op_counts(graph), parity=_finite(parity), passed=bool(parity["passed"]),
-        timings=timings, made_from=made_from, files=files, genai=genai)
+        timings=timings, made_from=made_from, files=files, genai=genai, fused=builder.fused)
     atomic_write_json(stage.file(record_path(final).name), out)
     return out
 

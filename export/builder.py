@@ -48,6 +48,8 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
+        # layers emitted as one node: {the node's layer name: member layers} (export.fusion)
+        self.fused: dict[str, list[str]] = {}
 
     @property
     def elem_type(self) -> int:

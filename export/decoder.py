@@ -9,11 +9,11 @@ appended in place), ``SkipSimplifiedLayerNormalization`` (residual add fused int
 The block's parts (norms and where they sit, attention extras, activation, fused
 projections) come from :mod:`quantcal.export.layers`, the rotary caches from
 :mod:`quantcal.export.rope`. Each linear layer and the token embedding are emitted as the
-plan says (``export.emit``); node names follow module names. A head tied to the
-embedding is stored once with it when ``shares_tied_weight`` allows (both fp16: Transpose +
-MatMul of the table; the same block format: GatherBlockQuantized reads the head's
-MatMulNBits initializers); otherwise each has
-its own weight.
+plan says (``export.emit``), q/k/v and gate/up of one format as one node each
+(``export.fusion``); node names follow module names. A head tied to the embedding is
+stored once with it when ``shares_tied_weight`` allows (both fp16: Transpose + MatMul of
+the table; the same block format: GatherBlockQuantized reads the head's MatMulNBits
+initializers); otherwise each has its own weight.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from quantcal.export.builder import GraphBuilder, node_prefix
 from quantcal.export.emit import (
     block_initializers, emit_embedding, emit_linear, gather_shared, matmulnbits, pack_block,
 )
+from quantcal.export.fusion import emit_fused, fusion_groups
 from quantcal.fakequant import act_qparams, embedding_qparams, layer_qparams
 from quantcal.export.layers import attention, mlp, rms_norm, skip_norm
 from quantcal.export.rope import MAX_CACHE_POSITIONS, rotary_caches
@@ -53,12 +54,15 @@ class _Shared:
 
 
 class _Ctx:
-    """What every layer's emission needs: the builder, plan formats and qparams."""
+    """What every layer's emission needs: the builder, plan formats and qparams, and the
+    groups of layers emitted as one node (none when ``fuse`` is off)."""
 
     def __init__(self, b: GraphBuilder, model: nn.Module, formats: Mapping[str, Format],
-                 qparams: Mapping[str, torch.Tensor]):
+                 qparams: Mapping[str, torch.Tensor], fuse: bool = True):
         self.b, self.model, self.formats, self.qparams = b, model, formats, qparams
         self.family = family_of(model)
+        self.fuse = fuse
+        self.groups = fusion_groups(model, formats) if fuse else {}
         cfg = model.config
         heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -109,6 +113,12 @@ class _Ctx:
         return emit_linear(self.b, name, x, weight_matrix(module).detach(), module.bias, fmt,
                            layer_qparams(self.qparams, name, fmt),
                            act_qparams(self.qparams, name))
+
+    def fused_linear(self, name: str, x: str) -> str:
+        """Group ``name``'s one node on ``x`` (its members' outputs side by side)."""
+        members = self.groups[name]
+        self.b.fused[name] = list(members)
+        return emit_fused(self.b, self.model, name, members, self.formats, self.qparams, x)
 
     def weight(self, name: str, tensor: torch.Tensor) -> str:
         return self.b.initializer(name, _np(tensor, self.b.dtype))
@@ -181,11 +191,14 @@ def _block(ctx: _Ctx, i: int, x: str, residual: str, seqlens: str, total: str,
 
 
 def build_llama(model: nn.Module, formats: Mapping[str, Format],
-                qparams: Mapping[str, torch.Tensor], dtype) -> GraphBuilder:
-    """The whole rotary decoder as a GraphBuilder (``dtype``: activation dtype)."""
+                qparams: Mapping[str, torch.Tensor], dtype, *, fuse: bool = True
+                ) -> GraphBuilder:
+    """The whole rotary decoder as a GraphBuilder (``dtype``: activation dtype; ``fuse``:
+    q/k/v and gate/up of one format as one node each, :mod:`quantcal.export.fusion`, and
+    a packed q/k/v fed to GroupQueryAttention as it is). ``b.fused`` names what was fused."""
     cfg = model.config
     b = GraphBuilder(dtype)
-    ctx = _Ctx(b, model, formats, qparams)
+    ctx = _Ctx(b, model, formats, qparams, fuse)
     fam = ctx.family
     _graph_inputs(b, cfg.num_hidden_layers, ctx.kv_heads, ctx.head_dim)
     seqlens, total = _sequence_lengths(b)

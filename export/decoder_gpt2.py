@@ -52,8 +52,10 @@ def _mlp(ctx: _Ctx, i: int, x: str) -> str:
 
 
 def build_gpt2(model: nn.Module, formats: Mapping[str, Format],
-               qparams: Mapping[str, torch.Tensor], dtype) -> GraphBuilder:
-    """The whole GPT-2 decoder as a GraphBuilder (``dtype``: activation dtype)."""
+               qparams: Mapping[str, torch.Tensor], dtype, *, fuse: bool = True
+               ) -> GraphBuilder:
+    """The whole GPT-2 decoder as a GraphBuilder (``dtype``: activation dtype). ``fuse`` is
+    moot: its checkpoint fuses q/k/v already (``c_attn``) and its MLP has no gate."""
     cfg = model.config
     b = GraphBuilder(dtype)
     ctx = _Ctx(b, model, formats, qparams)

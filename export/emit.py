@@ -20,13 +20,14 @@ to 2-D), so the table is stored once. Nodes are named ``{node_prefix(layer)}/{Op
 (``/model/layers.0/mlp/down_proj/MatMulNBits``), initializers ``{layer}.{role}``
 (``model.layers.0.mlp.down_proj.weight_q``), so both are deterministic and unique per layer.
 ``planned_op_counts`` and ``graph_op_counts`` count the nodes a plan implies and a graph
-holds, keyed alike. Reads and writes nothing but the builder it is given.
+holds, keyed alike (a fused node once for the layers it serves, :mod:`quantcal.export.fusion`).
+Reads and writes nothing but the builder it is given.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Collection, Mapping
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -46,7 +47,8 @@ def _np(t: torch.Tensor, dtype: np.dtype | type) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy().astype(dtype)
 
 
-def _add_bias(b: GraphBuilder, layer: str, y: str, bias: torch.Tensor | None) -> str:
+def add_bias(b: GraphBuilder, layer: str, y: str, bias: torch.Tensor | None) -> str:
+    """``y + bias`` as the layer's ``Add`` (``y`` itself when there is no bias)."""
     if bias is None:
         return y
     name = b.initializer(f"{layer}.bias", _np(bias, b.dtype))  # (N,)
@@ -164,7 +166,7 @@ def emit_linear(b: GraphBuilder, layer: str, x: str, weight: torch.Tensor,
         raise QuantcalError(f"{layer}: no ONNX emitter for format {fmt!r}; known: "
                             + ", ".join(t.__name__ for t in _EMITTERS))
     y = emitter(b, layer, x, weight.detach(), fmt, qp, act_qp)
-    return _add_bias(b, layer, y, bias)
+    return add_bias(b, layer, y, bias)
 
 
 def _gather_block_quantized(b: GraphBuilder, layer: str, ids: str, weight: list[str],
@@ -260,8 +262,8 @@ _EMBEDDING_OPS: dict[type, Callable[[Format], dict[str, int]]] = {
 }
 
 
-def planned_op_counts(formats: Mapping[str, Format], embeddings: Collection[str] = ()
-                      ) -> dict[str, int]:
+def planned_op_counts(formats: Mapping[str, Format], embeddings: Collection[str] = (),
+                      fused: Mapping[str, Sequence[str]] | None = None) -> dict[str, int]:
     """Nodes the layers of a plan emit, bias ``Add`` aside.
 
     Keys are ``MatMul``, ``MatMulNBits.bits4``, ``MatMulNBits.bits8``, ``QuantizeLinear``,
@@ -270,9 +272,14 @@ def planned_op_counts(formats: Mapping[str, Format], embeddings: Collection[str]
 
     Args:
         embeddings: the names in ``formats`` that are embeddings (gathered, not multiplied).
+        fused: ``{fused name: member layers}`` emitted as one node
+            (:func:`quantcal.export.fusion.fusion_groups`): one node serves its members.
     """
     total: Counter[str] = Counter()
+    served = {m for group in (fused or {}).values() for m in group[1:]}
     for name, fmt in formats.items():
+        if name in served:
+            continue  # a fused node is counted once, with its group's first member
         total.update((_EMBEDDING_OPS if name in embeddings else _OPS)[type(fmt)](fmt))
     return dict(total)
 
@@ -288,15 +295,17 @@ def _op_key(node: onnx.NodeProto) -> str:
     return node.op_type
 
 
-def graph_op_counts(model: onnx.ModelProto, layers: Mapping[str, object] | None = None
-                    ) -> dict[str, int]:
+def graph_op_counts(model: onnx.ModelProto, layers: Mapping[str, object] | None = None,
+                    fused: Mapping[str, Sequence[str]] | None = None) -> dict[str, int]:
     """Counts of the op types :func:`planned_op_counts` names, in ``model``, keyed alike.
 
     Args:
         layers: when given, count only the nodes of these layers (by name prefix), so that
             the MatMuls of attention or the head do not mix in.
+        fused: with ``layers``, the fused nodes serving them (named by the group).
     """
-    prefixes = None if layers is None else tuple(node_prefix(n) + "/" for n in layers)
+    names = None if layers is None else [*layers, *(fused or {})]
+    prefixes = None if names is None else tuple(node_prefix(n) + "/" for n in names)
     keys = [_op_key(n) for n in model.graph.node
             if prefixes is None or n.name.startswith(prefixes)]
     return dict(Counter(k for k in keys if k in _COUNTED or k.startswith(_BY_BITS)))

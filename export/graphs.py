@@ -18,14 +18,16 @@ from quantcal.families import Graph
 from quantcal.formats import Format
 from quantcal.models import family_of
 
-Builder = Callable[[nn.Module, Mapping[str, Format], Mapping[str, torch.Tensor], object],
-                   GraphBuilder]
+Builder = Callable[..., GraphBuilder]  # (model, formats, qparams, dtype, *, fuse)
 BUILDERS: dict[Graph, Builder] = {Graph.ROTARY: build_llama, Graph.GPT2: build_gpt2}
 if set(BUILDERS) != set(Graph):  # pragma: no cover - a new graph kind needs its builder
     raise ImportError(f"no ONNX builder for {set(Graph) - set(BUILDERS)}")
 
 
 def build_decoder(model: nn.Module, formats: Mapping[str, Format],
-                  qparams: Mapping[str, torch.Tensor], dtype) -> GraphBuilder:
-    """The decoder graph of ``model`` under ``formats`` (``dtype``: activation dtype)."""
-    return BUILDERS[family_of(model).graph](model, formats, qparams, dtype)
+                  qparams: Mapping[str, torch.Tensor], dtype, *, fuse: bool = True
+                  ) -> GraphBuilder:
+    """The decoder graph of ``model`` under ``formats`` (``dtype``: activation dtype;
+    ``fuse``: layers that read one input and share a format as one node,
+    :mod:`quantcal.export.fusion`; the builder's ``fused`` names them)."""
+    return BUILDERS[family_of(model).graph](model, formats, qparams, dtype, fuse=fuse)

@@ -4,15 +4,18 @@ For every planned layer (linear layers, the head and the token embedding), the i
 in the torch fake-quant model is captured with a forward hook on one window; the layer's
 emitted ONNX op(s) are then built alone into a one-node graph (``export.emit`` with the same
 qparams, exactly as the decoder emits them) and run in onnxruntime on that input, and their
-output is compared with the fake-quant module's. The figures name the layer that disagrees
-most, so that a failed whole-model check says where to look.
+output is compared with the fake-quant module's. Layers the export fuses into one node
+(:mod:`quantcal.export.fusion`) are checked through that node: it runs once on their shared
+input, and each layer's slice of its output is compared with that layer's module, so the
+figures still name the layer. They name the layer that disagrees most, so that a failed
+whole-model check says where to look.
 
 Reads the model, plan formats and qparams it is given; writes nothing.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +27,7 @@ from quantcal.export.builder import GraphBuilder
 from quantcal.export.emit import (
     block_initializers, emit_embedding, emit_linear, gather_shared, pack_block,
 )
+from quantcal.export.fusion import emit_fused, split_fused, widths
 from quantcal.fakequant import (
     act_qparams, embedding_qparams, fake_quant_modules, layer_qparams, swapped,
 )
@@ -109,26 +113,58 @@ def layer_graph(model: nn.Module, name: str, formats: Mapping[str, Format],
     return b.model().SerializeToString()
 
 
+def fused_graph(model: nn.Module, name: str, members: Sequence[str],
+                formats: Mapping[str, Format], qparams: Mapping[str, torch.Tensor], dtype,
+                k: int) -> bytes:
+    """A graph ``x -> (y of each member)`` of group ``name``'s one node as the decoder emits
+    it (:func:`quantcal.export.fusion.emit_fused`), split into its members' outputs."""
+    b = GraphBuilder(dtype)
+    x = b.input("x", b.elem_type, ["B", "S", k])
+    y = emit_fused(b, model, name, members, formats, qparams, x)
+    for out in split_fused(b, name, y, widths(model, members)):
+        b.output(out, b.elem_type, ["B", "S", "N"])
+    return b.model().SerializeToString()
+
+
 def _providers(provider: str) -> list[str]:
     if provider == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
+def _run(graph: bytes, x: torch.Tensor, dtype, provider: str) -> list[np.ndarray]:
+    sess = ort.InferenceSession(graph, providers=_providers(provider))
+    feed = x.numpy() if x.dtype == torch.int64 else x.float().numpy().astype(dtype)
+    return [y.astype(np.float32) for y in sess.run(None, {"x": feed})]
+
+
+def _error(got: np.ndarray, ref: torch.Tensor) -> tuple[float, float]:
+    return float(np.abs(got - ref.numpy()).max()), float(ref.abs().max())
+
+
 def layer_errors(model: nn.Module, formats: Mapping[str, Format],
                  qparams: Mapping[str, torch.Tensor], ids: torch.Tensor, *, dtype,
-                 provider: str) -> dict[str, tuple[float, float]]:
+                 provider: str, fused: Mapping[str, Sequence[str]] | None = None
+                 ) -> dict[str, tuple[float, float]]:
     """``{layer: (max abs error, max |torch output|)}`` of every planned layer's emitted
     op(s) against its fake-quant module, on the inputs one window ``ids`` ``(B, S)`` gives
-    it. ``dtype``: the graph's activation dtype."""
+    it. ``dtype``: the graph's activation dtype. ``fused``: ``{fused name: members}`` the
+    export emits as one node; that node runs once on the members' (shared) input and each
+    member's slice of its output is compared with that member's module."""
+    captured = capture_io(model, formats, qparams, ids)
+    through_fused = {}
+    for name, members in (fused or {}).items():
+        x = captured[members[0]][0]
+        graph = fused_graph(model, name, members, formats, qparams, dtype, x.shape[-1])
+        for member, got in zip(members, _run(graph, x, dtype, provider)):
+            through_fused[member] = _error(got, captured[member][1])
     out = {}
-    for name, (x, y) in capture_io(model, formats, qparams, ids).items():
-        graph = layer_graph(model, name, formats, qparams, dtype, x.shape[-1])
-        sess = ort.InferenceSession(graph, providers=_providers(provider))
-        feed = x.numpy() if x.dtype == torch.int64 else x.float().numpy().astype(dtype)
-        got = sess.run(None, {"x": feed})[0].astype(np.float32)
-        ref = y.numpy()
-        out[name] = (float(np.abs(got - ref).max()), float(np.abs(ref).max()))
+    for name, (x, y) in captured.items():  # in plan order
+        if name in through_fused:
+            out[name] = through_fused[name]
+        else:
+            graph = layer_graph(model, name, formats, qparams, dtype, x.shape[-1])
+            out[name] = _error(_run(graph, x, dtype, provider)[0], y)
     return out
 
 

@@ -2,11 +2,12 @@
 
 Norms: RMSNorm as ``SkipSimplifiedLayerNormalization`` (the residual add fused in; a plain
 norm gets a zero skip), with Gemma's ``1 + w`` folded into the weight in float32 as HF
-computes it. Attention: the projections (separate, or one fused checkpoint module emitted
-once and split), per-head q/k RMSNorm before rotary (Qwen3, Gemma 3: reshaped to heads),
+computes it. Attention: the projections (separate; or one node, a checkpoint-fused module
+or q/k/v fused by :mod:`quantcal.export.fusion`, whose packed output GroupQueryAttention
+takes as it is, or split before per-head q/k RMSNorm: Qwen3, Gemma 3, reshaped to heads),
 then ``GroupQueryAttention`` with rotary inside, ``local_window_size`` for a sliding window,
-``softcap`` and ``scale`` where the family has them. MLP: gated (separate or fused
-gate/up) with the family's activation. Node names follow module names.
+``softcap`` and ``scale`` where the family has them. MLP: gated (separate, or one gate/up
+node split in two) with the family's activation. Node names follow module names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from quantcal.export.builder import MS_DOMAIN, node_prefix
+from quantcal.export.fusion import GATE_UP, QKV, split_fused
 from quantcal.families import Activation, NormStyle, Sliding, activation_of
 
 if TYPE_CHECKING:
@@ -93,16 +95,22 @@ def _attention_attrs(ctx: "_Ctx", i: int) -> dict:
 
 
 def _qkv(ctx: "_Ctx", i: int, x: str) -> tuple[str, str, str]:
-    """q (B, S, heads * d), k and v (B, S, kv_heads * d): a fused module split in three."""
+    """q (B, S, heads * d), k and v (B, S, kv_heads * d). Where one node computes all three
+    (fused, or a checkpoint-fused module) and no per-head norm must see q and k apart:
+    that node's packed output (B, S, (heads + 2 * kv_heads) * d) and two empty names,
+    GroupQueryAttention's packed-QKV form (its kernels split it); otherwise split here."""
     cfg, att, fam = ctx.model.config, ctx.family.attention, ctx.family
     q_width, kv_width = cfg.num_attention_heads * ctx.head_dim, ctx.kv_heads * ctx.head_dim
-    if att.qkv is None:
+    name = fam.attn(i, att.qkv or QKV)
+    if att.qkv is not None:
+        qkv = ctx.linear(name, x)
+    elif name in ctx.groups:
+        qkv = ctx.fused_linear(name, x)
+    else:
         return tuple(ctx.linear(fam.attn(i, p), x) for p in (att.q, att.k, att.v))  # type: ignore
-    name = fam.attn(i, att.qkv)
-    qkv = ctx.linear(name, x)
-    sizes = ctx.b.const(f"{name}.split_sizes", [q_width, kv_width, kv_width])
-    return tuple(ctx.b.node("Split", [qkv, sizes], 3, name=f"{node_prefix(name)}/Split",
-                            axis=-1))  # type: ignore[return-value]
+    if ctx.fuse and att.q_norm is None:
+        return qkv, "", ""
+    return tuple(split_fused(ctx.b, name, qkv, [q_width, kv_width, kv_width]))  # type: ignore
 
 
 def attention(ctx: "_Ctx", i: int, x: str, seqlens: str, total: str,
@@ -140,17 +148,16 @@ def activation(ctx: "_Ctx", prefix: str, x: str) -> str:
 
 
 def mlp(ctx: "_Ctx", i: int, x: str) -> str:
-    """Layer ``i``'s gated MLP: down(act(gate(x)) * up(x))."""
+    """Layer ``i``'s gated MLP: down(act(gate(x)) * up(x)); gate and up from one node
+    (fused, or a checkpoint-fused module) split in two, or from their own."""
     fam, m = ctx.family, ctx.family.mlp
-    if m.gate_up is None:
+    name = fam.mlp_part(i, m.gate_up or GATE_UP)
+    if m.gate_up is None and name not in ctx.groups:
         gate, up = ctx.linear(fam.mlp_part(i, m.gate), x), ctx.linear(fam.mlp_part(i, m.up), x)
     else:
-        name = fam.mlp_part(i, m.gate_up)
-        fused = ctx.linear(name, x)
+        fused = ctx.linear(name, x) if m.gate_up is not None else ctx.fused_linear(name, x)
         width = ctx.model.config.intermediate_size
-        sizes = ctx.b.const(f"{name}.split_sizes", [width, width])
-        gate, up = ctx.b.node("Split", [fused, sizes], 2, name=f"{node_prefix(name)}/Split",
-                              axis=-1)
+        gate, up = split_fused(ctx.b, name, fused, [width, width])
     p = node_prefix(f"{fam.block(i)}.{m.path}")
     (prod,) = ctx.b.node("Mul", [activation(ctx, p, gate), up], name=f"{p}/Mul")
     return ctx.linear(fam.mlp_part(i, m.down), prod)

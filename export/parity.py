@@ -13,15 +13,16 @@ Checks, on fixed pseudo-random tokens: the logits of a full prefill; greedy deco
 the KV cache (prefill, then one token per step, feeding ``present`` back as ``past``)
 against recomputing the whole sequence at every step; a short window after a past
 far beyond the original rope length and the sliding window, and a right-padded batch
-(:mod:`quantcal.export.parity_batch`); and every planned layer alone
-(:mod:`quantcal.export.layer_parity`), whose figures name the layer that disagrees most.
+(:mod:`quantcal.export.parity_batch`); and every planned layer alone, or through the fused
+node that serves it (:mod:`quantcal.export.layer_parity`), whose figures name the layer
+that disagrees most.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -164,8 +165,8 @@ def _prefill_figures(dec: _Decoder, model: nn.Module, exact: nn.Module | None,
 
 @torch.inference_mode()
 def check_parity(path: Path, model: nn.Module, formats: Mapping[str, Format],
-                 qparams: Mapping[str, torch.Tensor], *, provider: str, dtype
-                 ) -> dict[str, float]:
+                 qparams: Mapping[str, torch.Tensor], *, provider: str, dtype,
+                 fused: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
     """Figures for ``export.json``: logits errors and tolerances of every check, greedy
     agreement, per-layer errors and the worst layer, pass/fail.
 
@@ -173,6 +174,8 @@ def check_parity(path: Path, model: nn.Module, formats: Mapping[str, Format],
         model: the float32 torch model, unquantized (the plan's stand-ins are swapped in
             here, and out again before returning).
         formats, qparams: the plan's formats and the run's qparams.
+        fused: ``{fused name: member layers}`` the graph emits as one node each (its
+            builder's ``fused``); each member is checked through that node.
     """
     sess = _run_checked(_session, path, provider)
     dec = _Decoder(sess)
@@ -188,7 +191,7 @@ def check_parity(path: Path, model: nn.Module, formats: Mapping[str, Format],
         figures.update(_run_checked(padded_batch_figures, dec, reference, rule))
         del exact
     errors = _run_checked(layer_errors, model, formats, qparams, windows[:1],
-                          dtype=np.dtype(dtype), provider=provider)
+                          dtype=np.dtype(dtype), provider=provider, fused=fused)
     figures.update(layer_figures(errors))
     figures["layer_rel_tolerance"] = LAYER_DISAGREES[np.dtype(dtype)]
     passed = (figures["logits_max_abs"] <= figures["tolerance"]

@@ -18,7 +18,7 @@ import click
 
 from quantcal import __version__
 from quantcal.cliparams import (
-    COUNT, POSITIVE, TARGET_BITS, Device, ForceRule, Formats, Size, run_option,
+    COUNT, NON_NEGATIVE, POSITIVE, TARGET_BITS, Device, ForceRule, Formats, Size, run_option,
 )
 from quantcal.clierrors import QuantcalGroup, terminate
 from quantcal.clioutput import configure, shows_progress, verbosity_options
@@ -148,6 +148,7 @@ def calibrate(**opts) -> None:
     from quantcal.calibrate.api import calibrate as run_calibration, config_from_options
     from quantcal.calibrate.planner import Rules
     from quantcal.calibrate.plans import budget_from_options
+    from quantcal.resources import describe as describe_peaks
     from quantcal.rundir import RunDir
 
     run, overwrite = RunDir(opts.pop("run")), opts.pop("overwrite")
@@ -162,7 +163,8 @@ def calibrate(**opts) -> None:
     n = sum(i.kind != "embedding" for i in record.layers.values())
     click.echo(f"calibrated {n} layers on {record.config.samples} x "
                f"{record.config.seq_len} tokens in {t['total_s']:.1f} s "
-               f"({t['tokens_per_s']:.0f} tok/s with hooks); wrote {run.path}/")
+               f"({t['tokens_per_s']:.0f} tok/s with hooks; {describe_peaks(t)}); "
+               f"wrote {run.path}/")
     if run.has("plan.json"):
         click.echo(_plan_summary(run.read_plan()))
 
@@ -175,10 +177,14 @@ def _plan_summary(plan) -> str:
     kl = f"; {predicted}" + ("" if plan.kl_measured is None else (
         f", KL measured {plan.kl_measured:.4g} nats/token on {plan.measure_windows} held-out "
         "windows that scored nothing"))
+    speed = "" if plan.predicted_tok_s is None or plan.speed is None else (
+        f", predicted decode {plan.predicted_tok_s:.0f} tok/s at batch 1 "
+        f"({plan.speed.fused_groups} of {plan.speed.groups} q/k/v and gate/up groups fused; "
+        f"latency table: {plan.speed.table})")
     return (f"plan ({plan.budget.kind} {plan.budget.value:g}): {counts}; "
             f"{plan.totals['bits_per_weight']:.3f} bits/weight, predicted size "
             f"{plan.predicted_size_bytes / 1e6:.1f} MB (fp16, --provider cuda) / "
-            f"{plan.predicted_size_fp32_bytes / 1e6:.1f} MB (fp32, --provider cpu){kl}")
+            f"{plan.predicted_size_fp32_bytes / 1e6:.1f} MB (fp32, --provider cpu){speed}{kl}")
 
 
 @cli.command()
@@ -190,6 +196,14 @@ def _plan_summary(plan) -> str:
               "the model again).")
 @click.option("--data", help="Where to read the held-out windows for --measure (default: "
               "the source run.json records, e.g. when the data folder has moved).")
+@click.option("--latency-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kernel latencies that predict decode tok/s (from `quantcal bench "
+              "kernels`; default: the H100 table shipped with quantcal).")
+@click.option("--min-tok-s", type=POSITIVE, help="Least predicted decode tokens/s at batch 1 "
+              "(a constraint of the same exact program).")
+@click.option("--prefer-fusable", type=NON_NEGATIVE, metavar="TOL",
+              help="Prefer plans whose q/k/v and gate/up of a block share a format (one fused "
+              "node each) while the predicted KL stays within TOL nats/token of the optimum.")
 @run_option
 @verbosity_options
 def plan(**opts) -> None:
@@ -201,12 +215,15 @@ def plan(**opts) -> None:
     from quantcal.calibrate.analysis import replan
     from quantcal.calibrate.planner import Rules
     from quantcal.calibrate.plans import budget_from_options
+    from quantcal.calibrate.speed import speed_options
     from quantcal.rundir import RunDir
 
     budget = budget_from_options(opts["target_bits"], opts["max_size"], opts["max_kl"])
+    speed = speed_options(opts["latency_table"], opts["min_tok_s"], opts["prefer_fusable"])
     new = replan(RunDir(opts["run"]), budget=budget,
                  rules=Rules.parse(opts["keep"], opts["force"]), output=opts["output"],
-                 measure=opts["measure"], data=opts["data"], progress=shows_progress())
+                 measure=opts["measure"], data=opts["data"], progress=shows_progress(),
+                 speed=speed)
     click.echo(_plan_summary(new))
 
 
@@ -219,6 +236,9 @@ def plan(**opts) -> None:
               "auto: cuda when it works here, else cpu (with a notice).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output model path (default: RUN/model.onnx).")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="Emit a block's q/k/v (and gate/up) as one node where they share a format "
+              "(export.json lists them under fused); --no-fuse keeps one node per layer.")
 @run_option
 @verbosity_options
 def export(**opts) -> None:
@@ -232,7 +252,7 @@ def export(**opts) -> None:
     from quantcal.rundir import RunDir
 
     out = export_onnx(RunDir(opts["run"]), plan_path=opts["plan_path"],
-                      provider=opts["provider"], output=opts["output"])
+                      provider=opts["provider"], output=opts["output"], fuse=opts["fuse"])
     p = out.parity
     ops = ", ".join(f"{v} {k}" for k, v in sorted(out.ops.items()))
     click.echo(f"wrote {out.path} ({out.file_bytes / 1e6:.1f} MB, {out.dtype}; {ops}); "

@@ -144,16 +144,46 @@ def eval_(**opts) -> None:
 @click.option("--new-tokens", type=COUNT, default=128, show_default=True,
               help="bench MODEL: greedy steps for decode tokens/s.")
 @click.option("--provider", type=PROVIDER, default="auto", show_default=True,
-              help="bench MODEL: onnxruntime provider.")
+              help="bench MODEL and kernels: onnxruntime provider.")
+@click.option("--kernel-shape", "kernel_shapes", multiple=True, metavar="NxK|N+N+NxK",
+              help="bench kernels: a projection (e.g. 4096x4096) or a group timed as separate "
+              "nodes and fused (e.g. 4096+1024+1024x4096); repeatable. Default: the "
+              "--model-shapes projections.")
+@click.option("--model-shapes", default="llama-3.2-1b,llama-3.1-8b", show_default=True,
+              help="bench kernels: models whose projections (and q/k/v, gate/up groups) to "
+              "time.")
+@click.option("--kernel-formats", help="bench kernels: comma-separated, e.g. "
+              "fp16,int4-g16-sym,int8 (default: fp16, int4 with blocks 16 to 128 and int8 "
+              "with blocks 32 and 128, each symmetric and not).")
+@click.option("--layouts", help="bench kernels: comma-separated among matmul, plain, fpa_intb, "
+              "prepacked, prepacked-sm90 (default: all the provider has).")
+@click.option("--m", "m_values", default="1,8,64,1024", show_default=True,
+              help="bench kernels: comma-separated rows of the activation (M).")
+@click.option("--repeats", type=COUNT, default=20, show_default=True,
+              help="bench kernels: samples per entry (each 10 runs back to back).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="bench kernels: where to write the latency table (default: the user cache, "
+              "~/.cache/quantcal/kernels-DEVICE-ortVERSION.json).")
 @run_option
 @verbosity_options
 def bench(target, as_json, baselines, prompt_len, new_tokens, provider, **opts) -> None:
     """Measure speed. TARGET is `calibrate` (statistic-hook overhead against a plain
-    forward pass, calibration tokens/s) or an exported .onnx model (prefill and decode
-    tokens/s, peak memory, size; --baseline adds other exports side by side). Without
-    TARGET: the run directory's model.onnx."""
+    forward pass, calibration tokens/s), `kernels` (one-node MatMul / MatMulNBits latency
+    per format, layout, shape and M: a latency table for `quantcal plan --latency-table`)
+    or an exported .onnx model (prefill and decode tokens/s, peak memory, size; --baseline
+    adds other exports side by side). Without TARGET: the run directory's model.onnx."""
     import json
 
+    kernel_opts = {k: opts.pop(k) for k in ("kernel_shapes", "model_shapes", "kernel_formats",
+                                            "layouts", "m_values", "repeats", "output")}
+    if target == "kernels":
+        from quantcal.evaluate.kernels import format_kernels, run_bench_kernels
+
+        table, path = run_bench_kernels(provider=provider, progress=shows_progress(),
+                                        **kernel_opts)
+        click.echo(json.dumps(table.to_dict(), indent=2) if as_json else format_kernels(table))
+        click.echo(f"wrote {path}", err=True)
+        return
     if target == "calibrate":
         from quantcal.calibrate.bench import format_bench, run_bench_calibrate
 

@@ -271,6 +271,27 @@ class LayerPlan(Strict):
     bytes: int = 0
     score: float | None = None
     reason: str = "user"
+    latency_us: float | None = None  # predicted per decode step (a fused node split by share)
+
+
+@dataclass(frozen=True)
+class PlanSpeed(Strict):
+    """How ``predicted_tok_s`` was made: one decode step at batch 1 is the planned
+    projections (q/k/v and gate/up of a block that share a format as one fused node) plus
+    ``blocks`` x the table's block overhead plus its per-token overhead (attention, norms,
+    activations, residuals, embedding gather, argmax: everything but the projections)."""
+
+    step_us: float
+    layers_us: float
+    overhead_us: float
+    blocks: int
+    fused_groups: int  # groups computed as one node
+    groups: int  # groups of layers that could be fused (q/k/v, gate/up per block)
+    measured_nodes: int  # nodes whose latency the table measured
+    modelled_nodes: int  # nodes its bandwidth model predicted
+    table: str  # the table's device, provider and onnxruntime, and where it came from
+    min_tok_s: float | None = None  # the latency budget the plan was solved under
+    prefer_fusable: float | None = None  # KL (nats/token) given up at most for fused groups
 
 
 @dataclass(frozen=True)
@@ -286,8 +307,10 @@ class Plan(Strict):
     predicted_size_bytes: int = 0  # the fp16 export (--provider cuda)
     predicted_size_fp32_bytes: int = 0  # the fp32 export (--provider cpu): floats doubled
     kl_predicted: float | None = None  # sum of the layers' scores
+    predicted_tok_s: float | None = None  # decode at batch 1, see ``speed``
     kl_measured: float | None = None  # the whole plan applied at once, on held-out windows
     predicted_by: str = "exact"  # the sensitivity summed in kl_predicted: exact (KL) or fast
     score_windows: int = 0  # held-out windows the layers were scored on
     measure_windows: int = 0  # other held-out windows kl_measured was measured on
     made_from: dict[str, str] = field(default_factory=dict)  # sha256 of the qparams planned
+    speed: PlanSpeed | None = None  # how predicted_tok_s was made

@@ -122,6 +122,9 @@ class ExportRecord(Strict):
     files: dict[str, str] = field(default_factory=dict)  # sha256 of model.onnx (+ .data)
     # sha256 of what makes the folder an onnxruntime-genai model (quantcal.export.genai)
     genai: dict[str, str] = field(default_factory=dict)
+    # layers emitted as one node: {the node's layer name: member layers, in output order}
+    # (quantcal.export.fusion); empty when nothing was fused or in records from before
+    fused: dict[str, list[str]] = field(default_factory=dict)
 
 
 def record_path(model_path: Path) -> Path:

@@ -27,6 +27,7 @@ def test_regular_install_has_stage_subpackages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "quantcal/evaluate/tasks/__init__.py" in names
     assert "quantcal/data/c4_validation_sample.jsonl.gz" in names  # the offline C4 fallback
+    assert "quantcal/data/latency_h100.json" in names  # the default kernel latency table
     for stage in STAGES:
         assert f"quantcal/{stage}/__init__.py" in names
         assert not any(n.startswith(f"{stage}/") for n in names)

@@ -1,4 +1,5 @@
-"""Tiny models and a tiny tokenizer for tests, built from configs (nothing downloads)."""
+"""Tiny models and a tiny tokenizer for tests, built from configs (nothing downloads), and
+an onnxruntime session of an exported decoder (:class:`OnnxDecoder`)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,48 @@ def tiny_config(family: str, vocab_size: int = 512):
             vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
         )
     raise ValueError(family)
+
+
+class OnnxDecoder:
+    """An exported decoder in an onnxruntime session: a prefill, or steps with the cache
+    (``present`` fed back as ``past``), every row attended in full. Activation dtype as the
+    graph says (float16 for a ``--provider cuda`` export)."""
+
+    def __init__(self, path, provider: str = "CPUExecutionProvider"):
+        import numpy as np
+        import onnxruntime as ort
+
+        self.sess = ort.InferenceSession(str(path), providers=[provider])
+        self.past = [i for i in self.sess.get_inputs() if i.name.startswith("past_")]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.dtype = np.float16 if "float16" in self.past[0].type else np.float32
+
+    def run(self, ids, cache: dict | None = None):
+        """Logits ``(B, S, V)`` of ``ids`` ``(B, S)`` after ``cache`` (none: empty), and the
+        new cache."""
+        import numpy as np
+
+        b, s = ids.shape
+        cache = cache or {i.name: np.zeros((b, i.shape[1], 0, i.shape[3]), self.dtype)
+                          for i in self.past}
+        p = next(iter(cache.values())).shape[2]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((b, p + s), np.int64),
+                 "position_ids": np.arange(p, p + s)[None].repeat(b, 0),
+                 "total_sequence_length": np.array(p + s, np.int32), **cache}
+        out = dict(zip(self.outputs, self.sess.run(None, feeds)))
+        new = {k.replace("present.", "past_key_values."): v for k, v in out.items()
+               if k.startswith("present.")}
+        return out["logits"], new
+
+    def decode(self, ids, steps: int) -> list:
+        """Logits of a prefill of ``ids`` ``(B, S)``, then of ``steps`` cached steps (the
+        step's tokens: column ``t`` of ``ids``)."""
+        logits, cache = self.run(ids)
+        out = [logits]
+        for t in range(steps):
+            logits, cache = self.run(ids[:, t:t + 1], cache)
+            out.append(logits)
+        return out
 
 
 def build_tiny_model(family: str, seed: int = 0, vocab_size: int = 512):

@@ -61,7 +61,9 @@ def test_mixed_plan_export_matches_fake_quant(tiny_model_dir, tmp_path, c4):
     record = run.read_run()
     formats = resolved_formats(run.read_plan(), record, ["int8", "int4-g32", "w8a8"])
     graph = onnx.load(str(run.file(MODEL)), load_external_data=False)
-    assert graph_op_counts(graph, formats) == planned_op_counts(formats, _embeddings(record))
+    fused = json.loads(run.file(EXPORT_JSON).read_text())["fused"]
+    assert graph_op_counts(graph, formats, fused) == planned_op_counts(
+        formats, _embeddings(record), fused)
     assert len({f.name for f in formats.values()}) >= 2  # a real mix
     res = CliRunner().invoke(cli, ["generate", "--run", str(run.path), "--prompt", "The",
                                    "--max-new-tokens", "5", "--provider", "cpu"])
@@ -132,7 +134,8 @@ def test_quantized_embedding_export(embedding_run, tmp_path, emb_fmt, head_fmt):
     plan = run.read_plan(plan_path)
     formats = resolved_formats(plan, record, ["int4-g32", "int4-g64"])
     graph = onnx.load(str(model_path), load_external_data=False)
-    assert graph_op_counts(graph, formats) == planned_op_counts(formats, {emb})
+    fused = json.loads((tmp_path / EXPORT_JSON).read_text())["fused"]
+    assert graph_op_counts(graph, formats, fused) == planned_op_counts(formats, {emb}, fused)
     assert any(n.name == f"{node_prefix(emb)}/GatherBlockQuantized" for n in graph.graph.node)
     shared = record.tied_lm_head and shares_tied_weight(
         formats[emb], formats["lm_head"], record.layers[emb].in_features)

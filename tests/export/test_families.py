@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -28,7 +27,8 @@ from quantcal.models import quantizable_layers
 from quantcal.plancheck import resolved_formats
 from quantcal.rundir import EXPORT_JSON, MODEL, RunDir
 from tinymodels import (
-    ALL_FAMILIES, FAMILIES, ORIGINAL_POSITIONS, WINDOW, build_tiny_model, tiny_config,
+    ALL_FAMILIES, FAMILIES, ORIGINAL_POSITIONS, WINDOW, OnnxDecoder, build_tiny_model,
+    tiny_config,
 )
 
 NEW = tuple(f for f in ALL_FAMILIES if f not in FAMILIES)
@@ -40,29 +40,14 @@ def _tol(ref: np.ndarray) -> float:
     return 1e-3 + 1e-4 * float(np.abs(ref).max())  # the export's fp32 rule
 
 
-class _Graph:
+class _Graph(OnnxDecoder):
     """An fp32 ONNX export of ``model`` (every layer fp16-planned: float weights)."""
 
     def __init__(self, model, path):
         formats = {n: FP16() for n, i in quantizable_layers(model).items()
                    if i.kind != "embedding"}
         save_model(build_decoder(model, formats, {}, np.float32).model(), path)
-        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.past = [i for i in self.sess.get_inputs() if i.name.startswith("past_")]
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-
-    def run(self, ids: np.ndarray, cache: dict | None = None):
-        b, s = ids.shape
-        cache = cache or {i.name: np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
-                          for i in self.past}
-        p = next(iter(cache.values())).shape[2]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((b, p + s), np.int64),
-                 "position_ids": np.arange(p, p + s)[None].repeat(b, 0),
-                 "total_sequence_length": np.array(p + s, np.int32), **cache}
-        out = dict(zip(self.outputs, self.sess.run(None, feeds)))
-        new = {k.replace("present.", "past_key_values."): v for k, v in out.items()
-               if k.startswith("present.")}
-        return out["logits"], new
+        super().__init__(path)
 
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:
@@ -178,16 +163,15 @@ def test_calibrate_plan_export_every_family(family_dir, tmp_path, sample_data, c
     assert {f.name for f in formats.values()} != {"fp16"}
     graph = onnx.load(str(run.file(MODEL)), load_external_data=False)
     embeddings = {n for n, i in record.layers.items() if i.kind == "embedding"}
-    assert graph_op_counts(graph, formats) == planned_op_counts(formats, embeddings)
+    fused = json.loads(run.file(EXPORT_JSON).read_text())["fused"]
+    assert graph_op_counts(graph, formats, fused) == planned_op_counts(formats, embeddings,
+                                                                       fused)
 
     plan, fp = tmp_path / "fp16.json", tmp_path / "fp16" / "fp16.onnx"
     _ok(["plan", "--run", run.path, "--keep", "*", "--no-measure", "-o", plan])
     _ok(["export", "--provider", "cpu", "--run", run.path, "--plan", plan, "-o", fp])
     assert json.loads((fp.parent / "fp16.export.json").read_text())["passed"]
-    sess = _Graph.__new__(_Graph)
-    sess.sess = ort.InferenceSession(str(fp), providers=["CPUExecutionProvider"])
-    sess.past = [i for i in sess.sess.get_inputs() if i.name.startswith("past_")]
-    sess.outputs = [o.name for o in sess.sess.get_outputs()]
+    sess = OnnxDecoder(fp)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(family_dir).eval()

@@ -1,9 +1,10 @@
 """An export folder is an onnxruntime-genai model: `og.Model(folder)` loads what `quantcal
 export` wrote, and genai's own greedy decoding (its generator, KV cache, position and mask
 handling, tokenizer) gives the tokens and text of `quantcal generate`, on tiny random
-Llama, Qwen2 and GPT-2 models under a mixed int8 / int4-g32 plan. genai is the
-independent reference here: nothing of quantcal runs inside it. Its reading of the config
-(search defaults, special tokens, chat template) is checked through its own API too.
+Llama, Qwen2 and GPT-2 models under a mixed int8 / int4-g32 plan and an int8 one (q/k/v
+and gate/up fused into one node each). genai is the independent reference here: nothing of
+quantcal runs inside it. Its reading of the config (search defaults, special tokens, chat
+template) is checked through its own API too.
 
 Needs onnxruntime-genai (`pip install quantcal[genai]`: onnxruntime-genai-cuda, which runs
 on CPU machines too and shares onnxruntime-gpu's runtime) and the shipped C4 sample.
@@ -178,6 +179,33 @@ def test_export_elsewhere_is_a_genai_model_beside_its_file(exported, tmp_path):
     ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, add_special_tokens=False).input_ids
     tokens, _ = _genai_greedy(out.parent, ids, 8)
     assert tokens == decoding_runner(out, "cpu").generate(ids, 8)
+
+
+def test_genai_runs_fused_projections(exported, tmp_path):
+    """One format everywhere: every block's q/k/v is one node feeding GroupQueryAttention
+    packed, and gate/up one node (export/fusion.py); genai's greedy decoding of that export
+    still gives quantcal's tokens, and the export's logits are those of `--no-fuse`."""
+    model_dir, run = exported
+    plan, out = tmp_path / "plan.json", tmp_path / "fused" / "fused.onnx"
+    _invoke("plan", "--run", str(run.path), "--no-measure", "--target-bits", "16",
+            "--force", "*=int8", "-o", str(plan))
+    _invoke("export", "--provider", "cpu", "--run", str(run.path), "--plan", str(plan),
+            "-o", str(out))
+    fused = json.loads(record_path(out).read_text())["fused"]
+    gpt2 = json.loads((model_dir / "config.json").read_text())["model_type"] == "gpt2"
+    assert len(fused) == (0 if gpt2 else 4)  # checkpoint-fused c_attn; else 2 per block
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(PROMPT, add_special_tokens=False).input_ids
+    tokens, logits = _genai_greedy(out.parent, ids, NEW)
+    runner = decoding_runner(out, "cpu")
+    assert tokens == runner.generate(ids, NEW, eos_token_id=tok.eos_token_id)
+    prefill = runner.prefill(np.array([ids]))[0, -1].astype(np.float64)
+    assert np.abs(logits - prefill).max() < 1e-4 * max(1.0, np.abs(prefill).max())
+    apart = tmp_path / "apart" / "apart.onnx"
+    _invoke("export", "--provider", "cpu", "--run", str(run.path), "--plan", str(plan),
+            "-o", str(apart), "--no-fuse")
+    np.testing.assert_array_equal(decoding_runner(apart, "cpu").prefill(np.array([ids])),
+                                  runner.prefill(np.array([ids])))
 
 
 def test_special_tokens_follow_generation_config_then_config_then_tokenizer():

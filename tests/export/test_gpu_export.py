@@ -60,7 +60,8 @@ def export_on(model_dir: Path, tmp: Path, provider: str, data: str) -> Path:
     assert parity["passed"] and parity["greedy_match"] == 1.0, parity
     formats = resolved_formats(RunDir(run).read_plan(plan), record, FORMATS.split(","))
     graph = onnx.load(str(model), load_external_data=False)
-    assert graph_op_counts(graph, formats) == planned_op_counts(formats, set(embs))
+    fused = json.loads(record_path(model).read_text())["fused"]
+    assert graph_op_counts(graph, formats, fused) == planned_op_counts(formats, set(embs), fused)
     assert len({f.name for f in formats.values()}) >= 3, formats  # a real mix
     _, used = make_session(model, provider)
     assert used == provider, f"the {provider} provider cannot run every node of {model}"

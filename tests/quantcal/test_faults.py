@@ -32,7 +32,7 @@ from click.testing import CliRunner
 from quantcal.cli import cli
 from quantcal.rundir import RunDir
 
-VOLATILE = {"timings", "created", "seconds", "speed", "versions"}
+VOLATILE = {"timings", "created", "seconds", "speed", "versions", "resources"}
 CHILD_TIMEOUT_S = 300  # one faulted command; a child that hangs fails its case
 
 
