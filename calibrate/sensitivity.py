@@ -155,10 +155,15 @@ def exact_sensitivity(model: nn.Module, held_out: torch.Tensor, layers: Mapping[
     copies = len(formats)
     sums = {n: torch.zeros(copies, device=device) for n in layers}
     batches = held_out.split(batch_size)
-    # quantize each (layer, format) once; reused for every held-out batch
-    stacked = {name: _PerFormat([
-        fake_quant_module(model.get_submodule(name), f, layer_qparams(qparams, name, f),
-                          act_qparams(qparams, name)) for f in formats]) for name in layers}
+
+    def candidates(name: str) -> _PerFormat:
+        """One layer's quantized copies, one per format: built when the layer is scored and
+        freed after, so memory holds one layer's candidates, not the model's times the
+        formats (rebuilding them per held-out batch gives the same weights)."""
+        return _PerFormat([fake_quant_module(model.get_submodule(name), f,
+                                             layer_qparams(qparams, name, f),
+                                             act_qparams(qparams, name)) for f in formats])
+
     bar = tqdm(total=len(batches) * len(layers), desc="sensitivity", unit="layer",
                disable=not progress, dynamic_ncols=True)
     for i, batch in enumerate(batches):
@@ -176,7 +181,7 @@ def exact_sensitivity(model: nn.Module, held_out: torch.Tensor, layers: Mapping[
             module = model.get_submodule(name)
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, stacked[name])
+            setattr(parent, attr, candidates(name))
             try:
                 head_now = model.get_submodule(family.lm_head)  # swapped when it is the layer
                 if info.block is None:
@@ -186,6 +191,7 @@ def exact_sensitivity(model: nn.Module, held_out: torch.Tensor, layers: Mapping[
                     logits = head_now(norm(hidden))
             finally:
                 setattr(parent, attr, module)
+                head_now = None  # when it was the layer, it held that layer's copies
             sums[name] += _kl_per_replica(logits, ref_logp, copies) * b
             bar.update(1)
     bar.close()

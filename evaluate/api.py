@@ -120,12 +120,36 @@ def _n_shot(task: str, num_fewshot: int | None) -> int:
     return num_fewshot
 
 
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def torch_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
+    """How a torch model (the baseline, a HF id or folder) runs: float32 on CPU; on a GPU
+    in the checkpoint's own dtype (``config.json``), float32 when it names none. An ONNX
+    model (None, a file, a run) takes float32, unused."""
+    if torch.device(device).type != "cuda" or name is None or Path(name).suffix == ".onnx":
+        return torch.float32
+    from transformers import AutoConfig
+
+    from quantcal.models import hub_kwargs
+
+    try:
+        config = AutoConfig.from_pretrained(name, **hub_kwargs(name))
+    except (OSError, ValueError):  # an export folder or run: onnxruntime decides
+        return torch.float32
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    found = getattr(torch, found, None) if isinstance(found, str) else found
+    return found if found in _SHORT else torch.float32
+
+
 def _evaluate_one(name, is_baseline, run, tasks, *, provider, device, batch_size,
                   **kw) -> VariantResult:
     """Evaluate one variant into eval.json and return it."""
     start_stage()  # its peaks: the backend, the tasks
-    backend = make_backend(name, run, provider=provider, device=device, batch_size=batch_size)
-    label = ("baseline fp32 (torch)" if is_baseline else
+    dtype = torch_dtype(name, device)
+    backend = make_backend(name, run, provider=provider, device=device, dtype=dtype,
+                           batch_size=batch_size)
+    label = (f"baseline {_SHORT[dtype]} (torch)" if is_baseline else
              f"{backend.name}:{Path(str(getattr(backend, 'path', name))).name}")
     try:
         size, speed = _size_and_speed(backend, provider)

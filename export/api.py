@@ -37,6 +37,7 @@ from quantcal.plancheck import resolved_formats
 from quantcal.provenance import (
     ExportRecord, check_digest, check_model_unchanged, onnx_digests, record_path, sha256_file,
 )
+from quantcal.resources import peak_figures, start_stage
 from quantcal.rundir import MODEL, PLAN, QPARAMS, RUN_JSON, RunDir, atomic_write_json
 from quantcal.session import resolve_provider
 from quantcal.txn import Stage
@@ -113,6 +114,7 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
                       provider: str, verify_provider: str | None, fuse: bool
                       ) -> ExportRecord:
     """Build, save and verify the model in the staging folder; write its record there."""
+    flags = start_stage()
     t0 = time.perf_counter()
     qparams, meta = run.load_tensors(QPARAMS, "qparams")
     formats = resolved_formats(plan, record, meta.get("formats", "").split(","))
@@ -138,7 +140,8 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
         model=record.config.model, provider=provider, dtype=np.dtype(dtype).name,
         path=final.name, file_bytes=sum((stage.dir / n).stat().st_size for n in files),
         ops=graph_op_counts(graph), parity=_finite(parity), passed=bool(parity["passed"]),
-        timings=timings, made_from=made_from, files=files, genai=genai, fused=builder.fused)
+        timings={**timings, **flags, **peak_figures()}, made_from=made_from, files=files,
+        genai=genai, fused=builder.fused)
     atomic_write_json(stage.file(record_path(final).name), out)
     return out
 

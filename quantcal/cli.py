@@ -249,6 +249,7 @@ def export(**opts) -> None:
     fake-quant, greedy decoding with the KV cache against recomputation).
     """
     from quantcal.export.api import export_onnx
+    from quantcal.resources import describe as describe_peaks
     from quantcal.rundir import RunDir
 
     out = export_onnx(RunDir(opts["run"]), plan_path=opts["plan_path"],
@@ -259,7 +260,8 @@ def export(**opts) -> None:
                f"logits max abs error {p['logits_max_abs']:.2e} (tolerance "
                f"{p['tolerance']:.1e}), greedy decoding with KV cache matches recomputation"
                + (f" ({p['greedy_near_ties']:.0f} near-tie step(s))"
-                  if p.get("greedy_near_ties") else ""))
+                  if p.get("greedy_near_ties") else "")
+               + f"; {describe_peaks(out.timings)}")
 
 
 def main() -> None:

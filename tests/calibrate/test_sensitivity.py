@@ -95,3 +95,29 @@ def test_rank_agreement_per_format_is_not_inflated_by_the_formats():
         assert rho == pytest.approx(float(ref.statistic), abs=1e-12)
     flat = {n: {"int8": 0.5} for n in layers}  # a constant score has no rank correlation
     assert sensitivity.spearman_per_format(flat, flat) == {"int8": None}
+
+
+def test_exact_sensitivity_holds_one_layers_candidates_at_a_time(monkeypatch):
+    """Peak memory: the quantized copies alive at any moment are one layer's (one per
+    format), not every layer's times the formats, which at 8B was about 48 GB for three
+    formats. Counted by weak references to every copy fake_quant_module makes."""
+    import gc
+    import weakref
+
+    model, held, layers, _, _, qparams = _setup("llama")
+    alive: list[weakref.ref] = []
+    most = [0]
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        now = sum(r() is not None for r in alive)
+        most[0] = max(most[0], now + 1)
+        copy = fake_quant_module(*args, **kwargs)
+        alive.append(weakref.ref(copy))
+        return copy
+
+    monkeypatch.setattr(sensitivity, "fake_quant_module", counting)
+    exact_sensitivity(model, held, layers, FORMATS, qparams, batch_size=2, device=CPU,
+                      progress=False)
+    assert len(alive) >= len(layers) * len(FORMATS)
+    assert most[0] <= len(FORMATS), most[0]

@@ -172,7 +172,7 @@ def test_eval_device_auto_resolves_before_the_backend(monkeypatch, tmp_path):
 
     seen = []
 
-    def backend(name, run, *, provider, device, batch_size):
+    def backend(name, run, *, provider, device, batch_size, **_):
         seen.append(device)
         raise KeyboardInterrupt  # enough: the device is what this test is about
 

@@ -61,3 +61,12 @@ def test_eval_records_and_prints_its_peaks(calibrated, tiny_llama_dir, sample_da
     (variant,) = json.loads((run / "eval.json").read_text())["variants"].values()
     peak = variant["resources"]["peak_host_bytes"]
     assert peak > 50 * MB and f"peak host RAM {peak / 1e9:.2f} GB" in res.output
+
+
+def test_export_records_and_prints_its_peaks(calibrated):
+    run, _ = calibrated
+    res = CliRunner().invoke(cli, ["export", "--provider", "cpu", "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    timings = json.loads((run / "export.json").read_text())["timings"]
+    peak = timings["peak_host_bytes"]
+    assert peak > 50 * MB and f"peak host RAM {peak / 1e9:.2f} GB" in res.output
