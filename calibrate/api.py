@@ -125,7 +125,7 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
         The ``run.json`` record written.
     """
     check_run_dir(run, config, overwrite)
-    flags = start_stage()
+    start_stage()
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -142,7 +142,7 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
         config.data, tokenizer, seq_len=config.seq_len, samples=config.samples,
         seed=config.seed, holdout=HELD_OUT_SETS * config.sensitivity_samples
         if config.sensitivity != "none" else 0, text_field=config.text_field)
-    timings = {"load_s": load_s, "data_s": time.perf_counter() - t, **flags}
+    timings = {"load_s": load_s, "data_s": time.perf_counter() - t}
     layers = quantizable_layers(model)
     shape_only = RunRecord(config=config, layers=layers, **_outside_bytes(model, layers),
                            model_files=model_digests(config.model, config.revision),

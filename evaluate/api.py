@@ -21,7 +21,7 @@ from quantcal.evaluate.evaluator import (
 )
 from quantcal.evaluate.outputs import lm_eval_results, results_path, write_outputs
 from quantcal.evaluate.tasks import get_task
-from quantcal.models import resolve_device
+from quantcal.models import config_or_none, resolve_device
 from quantcal.evaluate.speed import bench_model
 from quantcal.export.positions import model_positions
 from quantcal.provenance import model_digests, model_folder, onnx_digests
@@ -129,14 +129,7 @@ def torch_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
     model (None, a file, a run) takes float32, unused."""
     if torch.device(device).type != "cuda" or name is None or Path(name).suffix == ".onnx":
         return torch.float32
-    from transformers import AutoConfig
-
-    from quantcal.models import hub_kwargs
-
-    try:
-        config = AutoConfig.from_pretrained(name, **hub_kwargs(name))
-    except (OSError, ValueError):  # an export folder or run: onnxruntime decides
-        return torch.float32
+    config = config_or_none(name)  # None: an export folder or run, onnxruntime decides
     found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     found = getattr(torch, found, None) if isinstance(found, str) else found
     return found if found in _SHORT else torch.float32

@@ -21,7 +21,7 @@ from torch import nn
 
 from quantcal.errors import QuantcalError
 from quantcal.export.positions import model_positions
-from quantcal.models import hub_kwargs
+from quantcal.models import config_or_none, hub_kwargs
 from quantcal.provenance import verified_export
 from quantcal.rundir import MODEL, QPARAMS, RUN_JSON, RunDir
 
@@ -297,12 +297,7 @@ def eos_ids(tokenizer, source: str | None) -> list[int]:
 
 
 def _context_length(source: str) -> int | None:
-    from transformers import AutoConfig
-
-    try:
-        cfg = AutoConfig.from_pretrained(source, **hub_kwargs(source))
-    except (OSError, ValueError):
-        return None
+    cfg = config_or_none(source)
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 

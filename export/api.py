@@ -114,7 +114,7 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
                       provider: str, verify_provider: str | None, fuse: bool
                       ) -> ExportRecord:
     """Build, save and verify the model in the staging folder; write its record there."""
-    flags = start_stage()
+    start_stage()
     t0 = time.perf_counter()
     qparams, meta = run.load_tensors(QPARAMS, "qparams")
     formats = resolved_formats(plan, record, meta.get("formats", "").split(","))
@@ -140,7 +140,7 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
         model=record.config.model, provider=provider, dtype=np.dtype(dtype).name,
         path=final.name, file_bytes=sum((stage.dir / n).stat().st_size for n in files),
         ops=graph_op_counts(graph), parity=_finite(parity), passed=bool(parity["passed"]),
-        timings={**timings, **flags, **peak_figures()}, made_from=made_from, files=files,
+        timings={**timings, **peak_figures()}, made_from=made_from, files=files,
         genai=genai, fused=builder.fused)
     atomic_write_json(stage.file(record_path(final).name), out)
     return out

@@ -152,9 +152,8 @@ def search_defaults(generation: Any, max_length: int) -> dict[str, Any]:
     return dict(sorted(search.items()))
 
 
-def _cache_sizes(model_path: Path) -> tuple[int, int, int]:
+def _cache_sizes(graph: onnx.GraphProto) -> tuple[int, int, int]:
     """(layers, kv_heads, head_size) from the graph's cache inputs."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     past = [i for i in graph.input if i.name.startswith("past_key_values.")]
     dims = past[0].type.tensor_type.shape.dim  # (B, kv_heads, P, head_size)
     return len(past) // 2, dims[1].dim_value, dims[3].dim_value
@@ -164,8 +163,9 @@ def genai_config(model_path: Path, graph_name: str, config: Any, generation: Any
                  tokenizer: Any, provider: str) -> dict[str, Any]:
     """genai_config.json for the staged export ``model_path`` of a model with HF
     ``config``; the decoder's sizes and the context length come from the graph itself."""
-    layers, kv_heads, head_size = _cache_sizes(model_path)
-    inputs = {i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input}
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    layers, kv_heads, head_size = _cache_sizes(graph)
+    inputs = {i.name for i in graph.input}
     context = model_positions(model_path) or int(config.max_position_embeddings)
     options: list[dict] = [{"cuda": dict(CUDA_OPTIONS)}] if provider == "cuda" else []
     pasts = {"past_key_names": "past_key_values.%d.key",

@@ -18,7 +18,8 @@ import click
 
 from quantcal import __version__
 from quantcal.cliparams import (
-    COUNT, NON_NEGATIVE, POSITIVE, TARGET_BITS, Device, ForceRule, Formats, Size, run_option,
+    COUNT, NON_NEGATIVE, POSITIVE, TARGET_BITS, ForceRule, Formats, Size, device_option,
+    dtype_option, run_option,
 )
 from quantcal.clierrors import QuantcalGroup, terminate
 from quantcal.clioutput import configure, shows_progress, verbosity_options
@@ -82,9 +83,7 @@ for _command in COMMANDS:
 @cli.command()
 @click.option("--model", required=True, help="Hugging Face model id or local model folder.")
 @click.option("--revision", help="Model revision (branch, tag or commit) for hub ids.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True,
-              help="Dtype to run the model in; auto: float16 on CUDA, float32 on CPU.")
+@dtype_option("Dtype to run the model in; auto: float16 on CUDA, float32 on CPU.")
 @click.option("--data", default="c4", show_default=True,
               help="Calibration text: c4 (allenai/c4 en train, streamed), wikitext2 (train), "
               "or a .txt/.json/.jsonl/.jsonl.gz/.parquet file. From $QUANTCAL_DATA_DIR, c4 "
@@ -99,8 +98,7 @@ for _command in COMMANDS:
               help="Windows per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for choosing windows.")
-@click.option("--device", type=Device(), default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N.")
+@device_option()
 @click.option("--observer", type=click.Choice(["minmax", "percentile", "mse", "entropy"]),
               default="mse", show_default=True,
               help="How activation clip ranges (w8a8 scales) are chosen from the statistics.")

@@ -176,3 +176,14 @@ def run_option(f):
                         default=DEFAULT_RUN_DIR, show_default=True,
                         help=f"Run directory this stage reads and writes (default "
                         f"./{DEFAULT_RUN_DIR}).")(f)
+
+
+def device_option(help: str = "auto, cpu, cuda or cuda:N."):
+    """``--device`` (default ``auto``): where a torch model runs."""
+    return click.option("--device", type=Device(), default="auto", show_default=True, help=help)
+
+
+def dtype_option(help: str | None = None):
+    """``--dtype auto|float32|float16|bfloat16`` (default ``auto``)."""
+    return click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                        default="auto", show_default=True, help=help)

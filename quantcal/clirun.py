@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from quantcal.cliparams import (
-    COUNT, NON_NEGATIVE, PROBABILITY, Count, Device, Tasks, run_option,
+    COUNT, NON_NEGATIVE, PROBABILITY, Count, Tasks, device_option, dtype_option, run_option,
 )
 from quantcal.clierrors import QuantcalCommand
 from quantcal.clioutput import shows_progress, verbosity_options
@@ -75,9 +75,8 @@ def generate(**opts) -> None:
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed for --sample.")
 @click.option("--provider", type=PROVIDER, default="auto", show_default=True,
               help="onnxruntime provider (auto: cuda when it works, else cpu).")
-@click.option("--device", type=Device(), default="auto", show_default=True,
-              help="Device of torch backends (the source model, the baseline): auto is "
-              "cuda when available.")
+@device_option("Device of torch backends (the source model, the baseline): auto is "
+               "cuda when available.")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
 @click.option("--seq-len", type=Count(2), help="Perplexity window (default 2048, or the model's "
               "limit if smaller).")
@@ -131,10 +130,8 @@ def eval_(**opts) -> None:
               help="bench calibrate: tokens per window.")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True,
               help="Windows per forward pass (calibrate) or sequences (model).")
-@click.option("--device", type=Device(), default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True)
+@device_option()
+@dtype_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--baseline", "baselines", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -162,6 +162,17 @@ def hub_kwargs(source: str) -> dict[str, bool]:
     return {"local_files_only": True}
 
 
+def config_or_none(source: str):
+    """``AutoConfig`` of ``source`` (a folder or a hub id, the cache alone when the hub is
+    unreachable), or None when there is none to read (an export folder, an unknown id)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, **hub_kwargs(source))
+    except (OSError, ValueError):
+        return None
+
+
 def _config_dict(source: str, name: str, revision: str | None, hub: dict) -> dict:
     """config.json as a plain dict (read, never executed)."""
     from transformers import PretrainedConfig

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -54,37 +52,24 @@ def gpu_peak_bytes() -> int:
     return sum(cuda.max_memory_allocated(i) for i in range(cuda.device_count()))
 
 
-def start_stage() -> dict[str, float]:
-    """Reset the peaks for a stage starting now; the figures to record beside its peaks
-    (a flag where the host peak can only be the process's lifetime one)."""
+_per_stage = [False]  # whether the last start_stage could reset the host peak
+
+
+def start_stage() -> None:
+    """Reset the peaks for a stage starting now."""
     cuda = _cuda()
     if cuda is not None:
         for i in range(cuda.device_count()):
             cuda.reset_peak_memory_stats(i)
-    return {} if _reset_host_peak() else {"peak_host_is_process_lifetime": 1.0}
+    _per_stage[0] = _reset_host_peak()
 
 
 def peak_figures() -> dict[str, float]:
-    """The peaks since :func:`start_stage`, in bytes."""
+    """The peaks since :func:`start_stage`, in bytes (and a flag where the host peak can
+    only be the process's lifetime one)."""
     return {"peak_host_bytes": float(host_peak_bytes()),
-            "peak_gpu_bytes": float(gpu_peak_bytes())}
-
-
-@dataclass
-class StageMeter:
-    """Measures one stage: ``with StageMeter() as meter: ...``, then ``meter.figures``
-    (``stage_s`` and the peaks)."""
-
-    figures: dict[str, float] = field(default_factory=dict)
-
-    def __enter__(self) -> "StageMeter":
-        self._flags = start_stage()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.figures = {"stage_s": time.perf_counter() - self._t0, **peak_figures(),
-                        **self._flags}
+            "peak_gpu_bytes": float(gpu_peak_bytes()),
+            **({} if _per_stage[0] else {"peak_host_is_process_lifetime": 1.0})}
 
 
 def describe(figures: dict[str, float]) -> str:
