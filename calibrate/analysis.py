@@ -29,6 +29,7 @@ from quantcal.calibrate.sensitivity import (
 )
 from quantcal.calibrate.speed import SpeedOptions
 from quantcal.calibrate.stats import LayerStats
+from quantcal.calibrate.uniform import rivals, settle
 from quantcal.config import Budget, Plan, RunRecord, SensitivityRecord
 from quantcal.models import weight_matrix
 from quantcal.errors import QuantcalError
@@ -83,11 +84,17 @@ def score(model: nn.Module, record: RunRecord, stats: Mapping[str, LayerStats],
 
 
 def measured(plan: Plan, model: nn.Module, qparams: Mapping[str, torch.Tensor],
-             held_out: torch.Tensor, *, batch_size: int, device: torch.device) -> Plan:
+             held_out: torch.Tensor, *, batch_size: int, device: torch.device,
+             rival_plans: dict[str, Plan] | None = None) -> Plan:
     """The plan with ``kl_measured``: all its layers quantized at once (errors interact), on
-    ``held_out``: the measuring windows of :func:`split_held_out`, none of which scored."""
-    kl = plan_kl(model, plan, qparams, held_out, batch_size=batch_size, device=device)
-    return replace(plan, kl_measured=kl, measure_windows=held_out.shape[0])
+    ``held_out``: the measuring windows of :func:`split_held_out`, none of which scored.
+    ``rival_plans`` (:func:`quantcal.calibrate.uniform.rivals`): measured alike, the plan
+    gives way to one whose KL is lower (:func:`quantcal.calibrate.uniform.settle`)."""
+    def kl_of(p: Plan) -> float:
+        return plan_kl(model, p, qparams, held_out, batch_size=batch_size, device=device)
+
+    plan = replace(plan, kl_measured=kl_of(plan), measure_windows=held_out.shape[0])
+    return plan if rival_plans is None else settle(plan, dict(rival_plans), kl_of)
 
 
 def write_sensitivity(folder: Path, sens: SensitivityRecord) -> None:
@@ -132,7 +139,8 @@ def replan(run: RunDir, *, budget: Budget | None, rules: Rules, output: Path | N
         if measure:
             check_model_unchanged(record.config.model, record.config.revision,
                                   record.model_files, str(run.file(RUN_JSON)))
-            plan = _measure_from_run(run, record, plan, data)
+            plan = _measure_from_run(run, record, plan, data,
+                                     rivals(record, sens, plan, rules))
         if not own:
             atomic_write_json(output, plan)
             return plan
@@ -145,7 +153,9 @@ def replan(run: RunDir, *, budget: Budget | None, rules: Rules, output: Path | N
     return plan
 
 
-def _measure_from_run(run: RunDir, record: RunRecord, plan: Plan, data: str | None) -> Plan:
+def _measure_from_run(run: RunDir, record: RunRecord, plan: Plan, data: str | None,
+                      rival_plans: dict[str, Plan]) -> Plan:
+    from quantcal.calibrate.awq import apply_awq_
     from quantcal.calibrate.data import recorded_windows
     from quantcal.models import load_model, resolve_device, resolve_dtype
 
@@ -157,5 +167,7 @@ def _measure_from_run(run: RunDir, record: RunRecord, plan: Plan, data: str | No
     _, held = recorded_windows(record, tokenizer,
                                holdout=HELD_OUT_SETS * cfg.sensitivity_samples, data=data)
     qparams, _ = run.load_tensors(QPARAMS, QPARAMS_KIND)
+    apply_awq_(model, qparams)  # a --awq run's qparams are those of the scaled model
     _, measure_on = split_held_out(held, cfg.sensitivity_samples)
-    return measured(plan, model, qparams, measure_on, batch_size=cfg.batch_size, device=device)
+    return measured(plan, model, qparams, measure_on, batch_size=cfg.batch_size, device=device,
+                    rival_plans=rival_plans)

@@ -4,6 +4,9 @@ Reads a model (hub id or folder) and calibration text; writes ``stats.safetensor
 ``qparams.safetensors``, ``sensitivity.json`` (+ ``.png``), ``plan.json`` and ``run.json``
 into the run directory as one transaction (:mod:`quantcal.txn`): everything is written into
 ``RUN/.staging/calibrate/`` and promoted only when complete, under the run directory's lock.
+With ``--hessian`` the statistics pass collects no X^T X: the qparams step runs GPTQ block
+by block (:mod:`quantcal.calibrate.gptq`), each block's Hessians built from the outputs of
+the already-quantized earlier blocks and freed with it, one block on the device at a time.
 Each finished step (statistics, qparams, sensitivity) is a checkpoint there, so an
 interrupted or failed run leaves the previous run's files untouched, and re-running the same
 command on the same model resumes from the last finished step. ``run.json`` records the
@@ -26,14 +29,19 @@ from quantcal.calibrate.analysis import (
     HELD_OUT_SETS, SENSITIVITY_PNG, measured, score, split_held_out, write_plan,
     write_sensitivity,
 )
+from quantcal.calibrate.awq import awq_step_
 from quantcal.calibrate.collect import collect_full, collect_sequential
+from quantcal.calibrate.shards import sharded
+from quantcal.calibrate.gptq import gptq_formats, gptq_qparams
 from quantcal.calibrate.planner import Rules
 from quantcal.calibrate.plans import check_budget, make_plan
 from quantcal.calibrate.data import read_calibration
 from quantcal.calibrate.qparams import QPARAMS_KIND, compute_embedding_qparams, compute_qparams
 from quantcal.calibrate.stats import STAT_KIND, stats_from_tensors, stats_to_tensors
+from quantcal.calibrate.uniform import rivals
 from quantcal.config import Budget, CalibrateConfig, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError, StageInterrupted
+from quantcal.formats import BlockQuant
 from quantcal.models import (
     load_model, max_positions, quantizable_layers, resolve_device, resolve_dtype, weight_matrix,
 )
@@ -125,6 +133,8 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
         The ``run.json`` record written.
     """
     check_run_dir(run, config, overwrite)
+    if config.hessian:
+        gptq_formats(config.formats)  # refuse before loading anything
     start_stage()
     t0 = time.perf_counter()
     device = resolve_device(config.device)
@@ -180,13 +190,16 @@ def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, hel
     meta = {"model": config.model, "observer": config.observer,
             "weight_method": config.weight_method,
             "formats": ",".join(f.name for f in config.formats)}
+    # --awq: scales searched and folded into the model before anything is measured (awq.py)
+    awq_scales = awq_step_(ckpt, model, windows, config, device, progress) if config.awq else {}
     if ckpt.done("stats"):
         stats = stats_from_tensors(load_tensors(folder / STATS, STAT_KIND)[0], device)
     else:
-        collect = collect_sequential if config.sequential else collect_full
+        # under torchrun the batches are spread over the ranks (shards.py): same statistics
+        collect = sharded(collect_sequential if config.sequential else collect_full)
         t = time.perf_counter()
         stats = collect(model, windows, modules, batch_size=config.batch_size, device=device,
-                        hessian=config.hessian, progress=progress)
+                        progress=progress)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats_s = time.perf_counter() - t
@@ -198,13 +211,8 @@ def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, hel
                    load_tensors(folder / QPARAMS, QPARAMS_KIND)[0].items()}
     else:
         t = time.perf_counter()
-        weights = {n: weight_matrix(m).detach().to(device) for n, m in modules.items()}
-        qparams = compute_qparams(weights, stats, config.formats, observer=config.observer,
-                                  method=config.weight_method, progress=progress)
-        tables = {n: model.get_submodule(n).weight.detach().to(device)
-                  for n, i in layers.items() if i.kind == "embedding"}
-        qparams.update(compute_embedding_qparams(tables, config.formats,
-                                                 method=config.weight_method))
+        qparams = _qparams(model, modules, layers, stats, windows, config, device, progress)
+        qparams.update(awq_scales)  # {layer}/awq/scale: export folds them in again
         save_tensors(folder / QPARAMS, qparams, kind=QPARAMS_KIND, metadata=meta)
         ckpt.mark("qparams", {"qparams_s": time.perf_counter() - t})
     made_from = {QPARAMS: sha256_file(folder / QPARAMS)}
@@ -222,8 +230,9 @@ def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, hel
                                  progress=progress), made_from=made_from)
             write_sensitivity(folder, sens)
             ckpt.mark("sensitivity", {})
-        plan = measured(replace(make_plan(record, sens, budget, rules), made_from=made_from),
-                        model, qparams, measure_on, batch_size=config.batch_size, device=device)
+        plan = replace(make_plan(record, sens, budget, rules), made_from=made_from)
+        plan = measured(plan, model, qparams, measure_on, batch_size=config.batch_size,
+                        device=device, rival_plans=rivals(record, sens, plan, rules))
         write_plan(folder, sens, plan)
         timings["sensitivity_plan_s"] = time.perf_counter() - t
     timings = {**ckpt.state["timings"], **timings, **peak_figures(),
@@ -231,6 +240,30 @@ def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, hel
     record = replace(record, timings=timings)
     atomic_write_json(folder / RUN_JSON, record)
     return record
+
+
+def _qparams(model, modules, layers, stats, windows, config: CalibrateConfig, device,
+             progress) -> dict[str, torch.Tensor]:
+    """Every layer's qparams for every candidate: with ``--hessian`` the block formats' by
+    block-by-block GPTQ, the rest (w8a8, activations, the embedding) from the statistics,
+    one weight on the device at a time."""
+    formats = config.formats
+    qparams: dict[str, torch.Tensor] = {}
+    if config.hessian:
+        qparams.update(gptq_qparams(model, windows, modules, formats,
+                                    batch_size=config.batch_size, device=device,
+                                    method=config.weight_method, act_order=config.act_order,
+                                    progress=progress))
+        formats = tuple(f for f in formats if not isinstance(f, BlockQuant))
+    weights = {n: weight_matrix(m).detach() for n, m in modules.items()}  # not copied
+    qparams.update(compute_qparams(weights, stats, formats, observer=config.observer,
+                                   method=config.weight_method, progress=progress,
+                                   device=device))
+    tables = {n: model.get_submodule(n).weight.detach()
+              for n, i in layers.items() if i.kind == "embedding"}
+    qparams.update(compute_embedding_qparams(tables, config.formats,
+                                             method=config.weight_method, device=device))
+    return qparams
 
 
 def _commit(stage: Stage, run: RunDir, record: RunRecord) -> None:

@@ -9,6 +9,10 @@ Two drivers with the same result:
   the device, calibrated on the cached inputs, its outputs become the next block's inputs,
   and it moves back. Peak device memory is one block plus the cached activations.
 
+The activation cache's pieces (:func:`capture_block_inputs`, :func:`use_block_`,
+:func:`_module_device_`, :func:`propagate_`) also drive GPTQ's block-by-block pass
+(:mod:`quantcal.calibrate.gptq`).
+
 Both report progress with tqdm (tokens/s) and remove their hooks on any exit. Both stop at
 the first non-finite activation: after each batch (full) or block (sequential) the running
 statistics are checked once, and a NaN/Inf ends the run with a QuantcalError naming the
@@ -44,16 +48,19 @@ def check_finite_inputs(stats: dict[str, LayerStats], names: Iterable[str], wher
     if found is None:
         return
     name, what = found
+    raise QuantcalError(f"the input of layer {name} {what} {where}; {nonfinite_hint(dtype)}")
+
+
+def nonfinite_hint(dtype: torch.dtype) -> str:
+    """What to do about a NaN/Inf activation in a model running in ``dtype``."""
     if dtype in (torch.float16, torch.bfloat16):
-        hint = (f"the model runs in {str(dtype).removeprefix('torch.')}, whose range the "
+        return (f"the model runs in {str(dtype).removeprefix('torch.')}, whose range the "
                 "activations before it likely overflow: rerun with --dtype float32")
-    else:
-        hint = ("the layers before it produce values beyond the float32 range although the "
-                "weights are finite: check the checkpoint (a weight far too large?)")
-    raise QuantcalError(f"the input of layer {name} {what} {where}; {hint}")
+    return ("the layers before it produce values beyond the float32 range although the "
+            "weights are finite: check the checkpoint (a weight far too large?)")
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
@@ -78,7 +85,7 @@ def collect_full(model: nn.Module, windows: torch.Tensor, modules: dict[str, nn.
     stats = new_stats(modules, device, hessian)
     batches = _batches(windows, batch_size)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
 
     def check(i: int) -> None:  # once per batch; a NaN/Inf stays in the running statistics
         check_finite_inputs(stats, modules, f"in batch {i + 1} of {len(batches)}", dtype)
@@ -129,23 +136,27 @@ def _graphed_passes(model: nn.Module, batches: list[torch.Tensor], device: torch
 
 @dataclass
 class BlockInputs:
-    """One batch's inputs to a decoder block: positional args and keyword args."""
+    """One batch's inputs to a decoder block: positional args and keyword args, and the
+    keyword args the model passes each block (``per_block``: Gemma 2/3 give sliding and
+    global layers their own masks and rotary tables; :func:`use_block_` selects them)."""
 
     args: tuple
     kwargs: dict[str, Any] = field(default_factory=dict)
+    per_block: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _InputCatcher(nn.Module):
-    """Stands in for the first block: records what the model passes it, then runs it."""
+class BlockRecorder(nn.Module):
+    """Stands in for a decoder block: records what the model passes it and returns the
+    hidden states unchanged, so one cheap forward gives every block its own arguments."""
 
-    def __init__(self, block: nn.Module, cache: list[BlockInputs]):
+    def __init__(self, block: nn.Module, calls: list[BlockInputs]):
         super().__init__()
         self.block = block
-        self.cache = cache
+        self.calls = calls
 
     def forward(self, *args, **kwargs):
-        self.cache.append(BlockInputs(args, kwargs))
-        return self.block(*args, **kwargs)
+        self.calls.append(BlockInputs(args, kwargs))
+        return args[0]
 
     def __getattr__(self, name: str):
         try:
@@ -154,25 +165,44 @@ class _InputCatcher(nn.Module):
             return getattr(self._modules["block"], name)  # e.g. attention_type
 
 
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, *, batch_size: int,
-                         device: torch.device) -> list[BlockInputs]:
-    """Inputs of the first decoder block for each batch, running only that block.
-
-    Everything but the blocks must already be on ``device``; the first block is moved there.
-    """
+def block_arguments(model: nn.Module, windows: torch.Tensor, *, batch_size: int,
+                    device: torch.device) -> list[list[BlockInputs]]:
+    """Per block, per batch of ``windows`` (S, L), the arguments the model passes that block
+    (its own mask and rotary tables); the hidden states are real for the first block only.
+    No block runs, nor the head (the blocks' parent, the base model, runs); everything but
+    the blocks must be on ``device``."""
     family = family_of(model)
     parent_name, _, attr = family.blocks.rpartition(".")
     parent = model.get_submodule(parent_name)
     blocks = getattr(parent, attr)
-    cache: list[BlockInputs] = []
-    setattr(parent, attr, nn.ModuleList([_InputCatcher(blocks[0].to(device), cache)]))
+    calls: list[list[BlockInputs]] = [[] for _ in blocks]
+    setattr(parent, attr, nn.ModuleList([BlockRecorder(b, c) for b, c in zip(blocks, calls)]))
     try:
         with torch.inference_mode():
-            for batch in _batches(windows, batch_size):
-                model(input_ids=batch.to(device), use_cache=False)
+            for batch in _batches(windows, batch_size):  # each (B, L)
+                parent(input_ids=batch.to(device), use_cache=False)
     finally:
         setattr(parent, attr, blocks)
-    return cache
+    return calls
+
+
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, *, batch_size: int,
+                         device: torch.device) -> list[BlockInputs]:
+    """The activation cache: per batch, the first decoder block's inputs and every block's
+    keyword arguments (:func:`use_block_` before running block i). No block runs.
+
+    Everything but the blocks must already be on ``device``.
+    """
+    calls = block_arguments(model, windows, batch_size=batch_size, device=device)
+    return [BlockInputs(first.args, first.kwargs, [c[j].kwargs for c in calls])
+            for j, first in enumerate(calls[0])]
+
+
+def use_block_(cache: list[BlockInputs], i: int) -> None:
+    """Give every cached batch block ``i``'s own keyword arguments."""
+    for item in cache:
+        if item.per_block:
+            item.kwargs = item.per_block[i]
 
 
 def _module_device_(model: nn.Module, family, device: torch.device) -> None:
@@ -198,29 +228,40 @@ def _move_except(module: nn.Module, keep: nn.Module, device: torch.device) -> No
         module.to(device)
 
 
+def propagate_(block: nn.Module, cache: list[BlockInputs],
+               each: Callable[[torch.Tensor], None] | None = None) -> None:
+    """Run ``block`` on every cached batch; its output ``(B, L, C)`` becomes that batch's
+    hidden states (``each`` is called with it)."""
+    for item in cache:
+        out = block(*item.args, **item.kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        item.args = (hidden,) + tuple(item.args[1:])
+        if each is not None:
+            each(hidden)
+
+
 @torch.inference_mode()
 def collect_sequential(model: nn.Module, windows: torch.Tensor, modules: dict[str, nn.Module], *,
-                       batch_size: int, device: torch.device, hessian: bool = False,
-                       progress: bool = True) -> dict[str, LayerStats]:
-    """Same statistics as :func:`collect_full`, one decoder block on ``device`` at a time."""
+                       batch_size: int, device: torch.device, progress: bool = True
+                       ) -> dict[str, LayerStats]:
+    """Same statistics as :func:`collect_full`, one decoder block on ``device`` at a time
+    (no X^T X: the block-by-block GPTQ of :mod:`.gptq` builds its own Hessians)."""
     family = family_of(model)
     blocks = blocks_of(model, family)
     _module_device_(model, family, device)
     cache = capture_block_inputs(model, windows, batch_size=batch_size, device=device)
-    stats = new_stats(modules, device, hessian)
-    dtype = _model_dtype(model)
+    stats = new_stats(modules, device, hessian=False)
+    dtype = model_dtype(model)
     total = windows.numel() * len(blocks)
     with _progress(total, "calibrate (sequential)", progress) as bar:
         for i, block in enumerate(blocks):
             prefix = f"{family.blocks}.{i}."
             mine = {n: m for n, m in modules.items() if n.startswith(prefix)}
+            use_block_(cache, i)
             block.to(device)
             with stat_hooks(mine, stats):
-                for item in cache:
-                    out = block(*item.args, **item.kwargs)
-                    hidden = out[0] if isinstance(out, tuple) else out
-                    item.args = (hidden,) + tuple(item.args[1:])
-                    bar.update(hidden.shape[0] * hidden.shape[1])
+                propagate_(block, cache, lambda hidden: bar.update(hidden.shape[0] *
+                                                                   hidden.shape[1]))
             block.to("cpu")
             check_finite_inputs(stats, mine, f"in block {i}", dtype)
     rest = _head_stats(model, family, cache, modules, stats)

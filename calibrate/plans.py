@@ -32,7 +32,7 @@ from quantcal.calibrate.speed import SpeedOptions, SpeedProblem, predict, speed_
 from quantcal.config import Budget, LayerPlan, Plan, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError
 from quantcal.fakequant import fake_quant_modules, swapped
-from quantcal.formats import FP16, BlockQuant, Format, Int4, shares_tied_weight
+from quantcal.formats import FP16, Format, Int4, shares_tied_weight
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def embedding_candidates(record: RunRecord, formats: tuple[Format, ...]
     out = {}
     for name, info in record.layers.items():
         if info.kind == "embedding":
-            fmts = [FP16()] + [f for f in formats if isinstance(f, BlockQuant)]
+            fmts = [FP16()] + [f for f in formats if f.embeddable and not isinstance(f, FP16)]
             out[name] = [Candidate(f, f.embedding_bytes(info.out_features, info.in_features),
                                    0.0) for f in fmts]
     return out
@@ -307,11 +307,7 @@ def make_plan(record: RunRecord, sens: SensitivityRecord, budget: Budget | None,
 def _float_bytes(fmt: Format, n: int, k: int, embedding: bool) -> int:
     """Bytes of a layer's floating-point tensors in the fp16 export (a whole fp16 weight;
     the scales of a quantized one): the CPU export stores them in fp32, twice as many."""
-    if isinstance(fmt, FP16):
-        return 2 * n * k
-    if isinstance(fmt, BlockQuant):
-        return n * (fmt.gather_blocks(k) if embedding else fmt.n_blocks(k)) * 2
-    return 2 * n  # w8a8: one weight scale per output channel (int8 codes)
+    return fmt.embedding_float_bytes(n, k) if embedding else fmt.float_bytes(n, k)
 
 
 def _stored(record: RunRecord, layers: Mapping[str, LayerPlan]) -> dict[str, LayerPlan]:

@@ -1,11 +1,19 @@
 """Per-layer qparams for every candidate format, from weights and calibration statistics.
 
-One handler per format type (looked up by ``type(fmt)``): weight-only block formats get
-per-group scales/zero points (activation-aware clipping by default, GPTQ codes when X^T X was
-collected, RTN on request); ``w8a8`` gets per-channel symmetric int8 weight scales and a
-per-tensor static activation scale from the chosen observer; ``fp16`` needs nothing.
+One handler per format type, declared in the format's
+:class:`~quantcal.formatspec.FormatSpec` (:mod:`quantcal.formatdefs`) and looked up by
+``type(fmt)``: weight-only block formats get
+per-group scales/zero points (activation-aware clipping by default, RTN on request; GPTQ
+codes when the layer's statistics hold an X^T X, which only single-layer callers collect);
+``w8a8`` gets per-channel symmetric int8 weight scales and a per-tensor static activation
+scale from the chosen observer; ``fp16`` needs nothing. With ``--hessian`` the calibrate
+stage takes the block formats' qparams from the block-by-block GPTQ of
+:mod:`quantcal.calibrate.gptq` instead, and the rest from here.
 
-The token embedding gets weight-only qparams for every block format
+Weights are moved to the compute device one layer at a time (``device``), so the model may
+stay on the CPU.
+
+The token embedding gets weight-only qparams for every embeddable block format
 (:func:`compute_embedding_qparams`), groups along its hidden dimension.
 
 Tensors are keyed ``{layer}/{format}/{scale|zero|codes}`` and ``{layer}/act/{scale|zero}`` in
@@ -15,15 +23,14 @@ QuantcalError naming the layer and format instead of reaching the file.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from quantcal.calibrate import weights
 from quantcal.calibrate.observers import get_observer
 from quantcal.calibrate.stats import LayerStats
 from quantcal.errors import QuantcalError
-from quantcal.formats import FP16, W8A8, BlockQuant, Format, Int4, Int8
+from quantcal.formats import FP16, W8A8, BlockQuant, Format
+from quantcal.formatspec import spec_of
 
 QPARAMS_KIND = "qparams"
 WEIGHT_METHODS = ("aware", "rtn")
@@ -38,17 +45,22 @@ def _clip_qparams(fmt: BlockQuant, w: torch.Tensor, h_diag: torch.Tensor, method
     return weights.aware_clip(w, h_diag, fmt.bits, fmt.group_size, fmt.symmetric)
 
 
-def _block(fmt: BlockQuant, w: torch.Tensor, stats: LayerStats, method: str
-           ) -> dict[str, torch.Tensor]:
+def block_qparams(fmt: BlockQuant, w: torch.Tensor, stats: LayerStats, method: str
+                  ) -> dict[str, torch.Tensor]:
+    """``{scale, zero}`` ``(N, G)`` of a block format (and GPTQ ``codes`` ``(N, K)`` when
+    ``stats`` holds an X^T X)."""
+    if stats.xtx is not None:  # one layer's GPTQ on its own inputs (not the stage's path)
+        factor = weights.gptq_factor(stats.xtx / max(stats.tokens, 1))
+        scale, zero, codes = weights.gptq(w, factor, fmt.bits, fmt.group_size, fmt.symmetric,
+                                          clip=method != "rtn")
+        return {"scale": scale, "zero": zero, "codes": codes}
     scale, zero = _clip_qparams(fmt, w, stats.mean_sq, method)
-    out = {"scale": scale, "zero": zero}
-    if stats.xtx is not None and method != "rtn":
-        out["codes"] = weights.gptq(w, stats.xtx, scale, zero, fmt.bits, fmt.group_size)
-    return out
+    return {"scale": scale, "zero": zero}
 
 
-def _w8a8(fmt: W8A8, w: torch.Tensor, stats: LayerStats, method: str
-          ) -> dict[str, torch.Tensor]:
+def w8a8_qparams(fmt: W8A8, w: torch.Tensor, stats: LayerStats, method: str
+                 ) -> dict[str, torch.Tensor]:
+    """Per-output-channel symmetric int8 ``{scale, zero}``, ``(N, 1)`` each."""
     if method == "rtn":
         scale, zero = weights.rtn(w, 8, None, symmetric=True)
     else:
@@ -56,13 +68,24 @@ def _w8a8(fmt: W8A8, w: torch.Tensor, stats: LayerStats, method: str
     return {"scale": scale, "zero": zero}  # (N, 1) each
 
 
-def _fp16(fmt: FP16, w: torch.Tensor, stats: LayerStats, method: str) -> dict[str, torch.Tensor]:
+def no_qparams(fmt: FP16, w: torch.Tensor, stats: LayerStats, method: str
+               ) -> dict[str, torch.Tensor]:
+    """fp16 stores the weight itself: no qparams."""
     return {}
 
 
-_HANDLERS: dict[type, Callable[..., dict[str, torch.Tensor]]] = {
-    Int4: _block, Int8: _block, W8A8: _w8a8, FP16: _fp16,
-}
+def block_embedding_qparams(fmt: BlockQuant, table: torch.Tensor, method: str
+                            ) -> dict[str, torch.Tensor]:
+    """``{scale, zero}`` ``(V, G)`` of a ``(V, H)`` table, every column weighted alike."""
+    uniform = torch.ones(table.shape[1], device=table.device)  # (H,)
+    scale, zero = _clip_qparams(fmt, table, uniform, method)
+    return {"scale": scale, "zero": zero}
+
+
+def no_embedding_qparams(fmt: FP16, table: torch.Tensor, method: str
+                         ) -> dict[str, torch.Tensor]:
+    """An fp16 table stores itself: no qparams."""
+    return {}
 
 
 def format_qparams(fmt: Format, w: torch.Tensor, stats: LayerStats, method: str = "aware"
@@ -70,7 +93,7 @@ def format_qparams(fmt: Format, w: torch.Tensor, stats: LayerStats, method: str 
     """Qparams of one ``(N, K)`` weight for one format, e.g. ``{"scale", "zero"[, "codes"]}``."""
     if method not in WEIGHT_METHODS:
         raise QuantcalError(f"unknown weight method {method!r}; use {', '.join(WEIGHT_METHODS)}")
-    return _HANDLERS[type(fmt)](fmt, w, stats, method)
+    return spec_of(fmt).qparams(fmt, w, stats, method)
 
 
 def activation_qparams(stats: LayerStats, observer: str) -> dict[str, torch.Tensor]:
@@ -93,41 +116,53 @@ def _finite(t: torch.Tensor, layer: str, fmt: str, key: str) -> torch.Tensor:
     return t
 
 
-def _check_weight(w: torch.Tensor, layer: str) -> None:
+def check_weight(w: torch.Tensor, layer: str) -> None:
     """A NaN/Inf weight gives finite but meaningless qparams, so it is refused first."""
     if not bool(torch.isfinite(w).all()):
         raise QuantcalError(f"the weights of layer {layer} hold NaN/Inf: the checkpoint is "
                             "damaged; re-download or re-export it")
 
 
+def keyed_qparams(layer: str, fmt: Format, qp: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """``qp`` keyed ``{layer}/{format}/{key}`` for ``qparams.safetensors``, on the CPU;
+    a QuantcalError if any is NaN/Inf (or a scale not positive)."""
+    return {f"{layer}/{fmt.name}/{key}": _finite(t, layer, fmt.name, key)
+            for key, t in qp.items()}
+
+
 def compute_qparams(weights_by_layer: dict[str, torch.Tensor], stats: dict[str, LayerStats],
                     formats: tuple[Format, ...], *, observer: str, method: str = "aware",
-                    progress: bool = True) -> dict[str, torch.Tensor]:
+                    progress: bool = True, device: torch.device | str | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Qparams of every layer for every format, keyed for ``qparams.safetensors``.
 
     Args:
-        weights_by_layer: ``(N, K)`` weight per layer name (on the device to compute on).
+        weights_by_layer: ``(N, K)`` weight per layer name, wherever it lives.
+        device: where to compute; each weight is moved there in turn, one layer at a time
+            (None: where it lives).
     """
     from tqdm.auto import tqdm
 
     out: dict[str, torch.Tensor] = {}
-    wants_act = any(isinstance(f, W8A8) for f in formats)
+    act_fmt = next((f for f in formats if f.static_activations), None)  # w8a8
     for name in tqdm(weights_by_layer, desc="qparams", unit="layer", disable=not progress):
-        w, s = weights_by_layer[name], stats[name]
-        _check_weight(w, name)
+        w, s = weights_by_layer[name].to(device), stats[name]
+        check_weight(w, name)
         for fmt in formats:
-            for key, t in format_qparams(fmt, w, s, method).items():
-                out[f"{name}/{fmt.name}/{key}"] = _finite(t, name, fmt.name, key)
-        if wants_act:
+            out.update(keyed_qparams(name, fmt, format_qparams(fmt, w, s, method)))
+        if act_fmt is not None:
             for key, t in activation_qparams(s, observer).items():
-                out[f"{name}/act/{key}"] = _finite(t, name, "w8a8", f"activation {key}")
+                out[f"{name}/act/{key}"] = _finite(t, name, act_fmt.name, f"activation {key}")
     return out
 
 
 def compute_embedding_qparams(tables: dict[str, torch.Tensor], formats: tuple[Format, ...], *,
-                              method: str = "aware") -> dict[str, torch.Tensor]:
-    """Qparams of each token embedding table for every block format, keyed like
-    :func:`compute_qparams` (``w8a8`` and ``fp16`` do not apply: no activations feed it).
+                              method: str = "aware", device: torch.device | str | None = None
+                              ) -> dict[str, torch.Tensor]:
+    """Qparams of each token embedding table for every embeddable format, keyed like
+    :func:`compute_qparams` (``fp16`` has none; ``w8a8`` does not apply: no activations
+    feed a table).
 
     The groups run along H, so a ``(V, H)`` table is quantized as a MatMulNBits weight of
     N=V, K=H would be (the layout a tied head shares). An embedding's output is one row of
@@ -136,17 +171,17 @@ def compute_embedding_qparams(tables: dict[str, torch.Tensor], formats: tuple[Fo
     error, which no calibration statistic could improve on); ``rtn`` rounds to nearest.
 
     Args:
-        tables: ``(V, H)`` table per layer name (on the device to compute on).
+        tables: ``(V, H)`` table per layer name, wherever it lives.
+        device: where to compute; one table at a time is moved there (None: where it lives).
     """
     if method not in WEIGHT_METHODS:
         raise QuantcalError(f"unknown weight method {method!r}; use {', '.join(WEIGHT_METHODS)}")
     out: dict[str, torch.Tensor] = {}
     for name, table in tables.items():
-        _check_weight(table, name)
-        uniform = torch.ones(table.shape[1], device=table.device)  # (H,)
+        table = table.to(device)
+        check_weight(table, name)
         for fmt in formats:
-            if isinstance(fmt, BlockQuant):
-                scale, zero = _clip_qparams(fmt, table, uniform, method)
-                out[f"{name}/{fmt.name}/scale"] = _finite(scale, name, fmt.name, "scale")
-                out[f"{name}/{fmt.name}/zero"] = _finite(zero, name, fmt.name, "zero")
+            if fmt.embeddable:
+                qp = spec_of(fmt).embedding_qparams(fmt, table, method)
+                out.update(keyed_qparams(name, fmt, qp))
     return out

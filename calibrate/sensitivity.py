@@ -6,7 +6,9 @@ distribution from the FP model's, over held-out windows, with only that layer fa
 inputs of every decoder block are cached once per batch, and each (layer, formats) trial runs
 only from the layer's block to the head, with all candidate formats in one batch (the
 block inputs are replicated once per format and the layer applies a different quantized
-weight to each replica). Everything stays on the device.
+weight to each replica). Everything stays on the device. A layer's sums depend on that layer
+alone (:func:`kl_sums`), so under torchrun the layers are divided between the ranks and
+their sums gathered (:mod:`quantcal.calibrate.shards`), with the same result bit for bit.
 
 Fast proxy (Fisher): a second-order estimate of the same KL. With ``F_n`` the diagonal
 Fisher information of the layer's output channel n (mean squared gradient of the log-
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantcal.calibrate import distributed
 from quantcal.calibrate.collect import BlockInputs, capture_block_inputs, check_finite_inputs
 from quantcal.calibrate.stats import LayerStats, new_stats, stat_hooks
 from quantcal.errors import QuantcalError
@@ -50,19 +53,33 @@ class _PerFormat(nn.Module):
         return torch.cat([m(c) for m, c in zip(self.variants, chunks)], dim=0)
 
 
-def _replicate(value: Any, batch: int, copies: int) -> Any:
-    """Repeat every tensor whose leading (batch) dimension is ``batch`` ``copies`` times."""
+def _replicate(value: Any, batch: int, copies: int, memo: dict | None = None) -> Any:
+    """Repeat every tensor whose leading (batch) dimension is ``batch`` ``copies`` times
+    (each tensor once: blocks that share a mask share its copy through ``memo``)."""
+    memo = {} if memo is None else memo
     if isinstance(value, torch.Tensor):
         if value.dim() >= 2 and value.shape[0] == batch:
-            return value.repeat(copies, *([1] * (value.dim() - 1)))
+            if id(value) not in memo:
+                memo[id(value)] = value.repeat(copies, *([1] * (value.dim() - 1)))
+            return memo[id(value)]
         return value
     if isinstance(value, tuple):
-        return tuple(_replicate(v, batch, copies) for v in value)
+        return tuple(_replicate(v, batch, copies, memo) for v in value)
     if isinstance(value, list):
-        return [_replicate(v, batch, copies) for v in value]
+        return [_replicate(v, batch, copies, memo) for v in value]
     if isinstance(value, dict):
-        return {k: _replicate(v, batch, copies) for k, v in value.items()}
+        return {k: _replicate(v, batch, copies, memo) for k, v in value.items()}
     return value
+
+
+def head_logits(model: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)`` as the model's forward makes its logits: with Gemma 2's final
+    soft-capping, ``cap * tanh(logits / cap)``, where the config sets one."""
+    logits = head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap and family_of(model).softcaps:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def _hidden(out: Any) -> torch.Tensor:
@@ -70,10 +87,11 @@ def _hidden(out: Any) -> torch.Tensor:
 
 
 def _run_blocks(blocks, start: int, item: BlockInputs) -> torch.Tensor:
-    """Hidden states after blocks ``start..end`` from ``item`` (block ``start``'s inputs)."""
-    args, kwargs = item.args, item.kwargs
-    hidden = args[0]
-    for block in list(blocks)[start:]:
+    """Hidden states after blocks ``start..end`` from ``item`` (block ``start``'s inputs;
+    each block with its own keyword arguments where the model gives them)."""
+    args, hidden = item.args, item.args[0]
+    for j, block in enumerate(list(blocks)[start:], start):
+        kwargs = item.per_block[j] if item.per_block else item.kwargs
         hidden = _hidden(block(hidden, *args[1:], **kwargs))
     return hidden
 
@@ -129,31 +147,60 @@ def _block_inputs_all(model: nn.Module, batch: torch.Tensor, device: torch.devic
     family = family_of(model)
     blocks = blocks_of(model, family)
     (first,) = capture_block_inputs(model, batch, batch_size=batch.shape[0], device=device)
+    kw = first.per_block or [first.kwargs] * len(blocks)  # block i's own masks and rotary
     per_block = [first]
     hidden = first.args[0]
     for i, block in enumerate(blocks):
-        hidden = _hidden(block(hidden, *first.args[1:], **first.kwargs))
+        hidden = _hidden(block(hidden, *first.args[1:], **kw[i]))
         if i + 1 < len(blocks):
-            per_block.append(BlockInputs((hidden,) + tuple(first.args[1:]), first.kwargs))
+            per_block.append(BlockInputs((hidden,) + tuple(first.args[1:]), kw[i + 1],
+                                         first.per_block))
     return per_block, hidden
 
 
-@torch.inference_mode()
 def exact_sensitivity(model: nn.Module, held_out: torch.Tensor, layers: Mapping[str, Any],
                       formats: tuple[Format, ...], qparams: Mapping[str, torch.Tensor], *,
                       batch_size: int, device: torch.device, progress: bool = True
                       ) -> dict[str, dict[str, float]]:
-    """``scores[layer][format]``: mean KL with only ``layer`` quantized to ``format``.
+    """``scores[layer][format]``: mean KL with only ``layer`` quantized to ``format``; under
+    torchrun (:func:`quantcal.calibrate.distributed.current`) spread over the ranks.
 
     Args:
         held_out: ``(S, L)`` token windows not used for calibration.
         layers: layer name -> LayerInfo (``block`` index, None for the head).
     """
+    blocks = {n: info.block for n, info in layers.items()}
+    world = distributed.current()
+    if world is None:
+        sums = kl_sums(model, held_out, blocks, formats, qparams, batch_size=batch_size,
+                       device=device, progress=progress)
+    else:
+        from quantcal.calibrate.shards import lead_exact
+
+        sums = lead_exact(world, model, held_out, blocks, formats, qparams,
+                          batch_size=batch_size, device=device, progress=progress)
+    total = held_out.shape[0]
+    scores = {n: {f.name: float(v) / total for f, v in zip(formats, sums[n].cpu())}
+              for n in layers}
+    return _finite_scores(scores, "sensitivity (KL)", model)
+
+
+@torch.inference_mode()
+def kl_sums(model: nn.Module, held_out: torch.Tensor, blocks: Mapping[str, int | None],
+            formats: tuple[Format, ...], qparams: Mapping[str, torch.Tensor], *,
+            batch_size: int, device: torch.device, progress: bool = True
+            ) -> dict[str, torch.Tensor]:
+    """Per layer of ``blocks`` (name -> block index, None for the head), ``(F,)`` float32:
+    the sum over held-out windows of the mean KL per window, one entry per format (in
+    ``formats`` order). A layer's sums depend on nothing but that layer, so any subset of
+    the layers may be scored alone (one rank's share)."""
     family = family_of(model)
-    blocks = blocks_of(model, family)
-    norm, head = model.get_submodule(family.final_norm), model.get_submodule(family.lm_head)
+    model_blocks = blocks_of(model, family)
+    norm = model.get_submodule(family.final_norm)
     copies = len(formats)
-    sums = {n: torch.zeros(copies, device=device) for n in layers}
+    sums = {n: torch.zeros(copies, device=device) for n in blocks}
+    if not blocks:
+        return sums
     batches = held_out.split(batch_size)
 
     def candidates(name: str) -> _PerFormat:
@@ -164,41 +211,48 @@ def exact_sensitivity(model: nn.Module, held_out: torch.Tensor, layers: Mapping[
                                              layer_qparams(qparams, name, f),
                                              act_qparams(qparams, name)) for f in formats])
 
-    bar = tqdm(total=len(batches) * len(layers), desc="sensitivity", unit="layer",
+    bar = tqdm(total=len(batches) * len(blocks), desc="sensitivity", unit="layer",
                disable=not progress, dynamic_ncols=True)
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         per_block, final = _block_inputs_all(model, batch, device)
-        ref_logp = torch.log_softmax(head(norm(final)).float(), dim=-1)  # (B, T, V)
+        ref_logp = torch.log_softmax(head_logits(model, model.get_submodule(family.lm_head),
+                                                 norm(final)).float(), dim=-1)  # (B, T, V)
         if not bool(torch.isfinite(ref_logp).all()):  # once per batch
-            raise _nonfinite_output_error(model, batch, layers,
+            raise _nonfinite_output_error(model, batch, blocks,
                                           f"on held-out batch {i + 1} of {len(batches)}")
         b = batch.shape[0]
-        replicated = [BlockInputs(_replicate(i.args, b, copies), _replicate(i.kwargs, b, copies))
+        memo: dict = {}
+        kw_rep = [_replicate(k, b, copies, memo) for k in per_block[0].per_block]
+        replicated = [BlockInputs(_replicate(i.args, b, copies, memo),
+                                  _replicate(i.kwargs, b, copies, memo), kw_rep)
                       for i in per_block]
         final_rep = _replicate(final, b, copies)
-        for name, info in layers.items():
-            module = model.get_submodule(name)
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, candidates(name))
-            try:
-                head_now = model.get_submodule(family.lm_head)  # swapped when it is the layer
-                if info.block is None:
-                    logits = head_now(norm(final_rep))
-                else:
-                    hidden = _run_blocks(blocks, info.block, replicated[info.block])
-                    logits = head_now(norm(hidden))
-            finally:
-                setattr(parent, attr, module)
-                head_now = None  # when it was the layer, it held that layer's copies
+        for name, block in blocks.items():
+            logits = _trial_logits(model, name, candidates, block, model_blocks, norm,
+                                   replicated, final_rep)
             sums[name] += _kl_per_replica(logits, ref_logp, copies) * b
             bar.update(1)
     bar.close()
-    total = held_out.shape[0]
-    scores = {n: {f.name: float(v) / total for f, v in zip(formats, sums[n].cpu())}
-              for n in layers}
-    return _finite_scores(scores, "sensitivity (KL)", model)
+    return sums
+
+
+def _trial_logits(model: nn.Module, name: str, candidates, block: int | None, model_blocks,
+                  norm: nn.Module, replicated: list[BlockInputs], final_rep) -> torch.Tensor:
+    """Logits ``(F*B, T, V)`` with layer ``name`` swapped for its per-format candidates, run
+    from its block (or, for the head, from the final hidden states)."""
+    module = model.get_submodule(name)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, candidates(name))
+    try:
+        head = model.get_submodule(family_of(model).lm_head)  # swapped when it is the layer
+        if block is None:
+            return head_logits(model, head, norm(final_rep))
+        return head_logits(model, head, norm(_run_blocks(model_blocks, block,
+                                                         replicated[block])))
+    finally:
+        setattr(parent, attr, module)
 
 
 def output_fisher(model: nn.Module, held_out: torch.Tensor, names, *, batch_size: int,

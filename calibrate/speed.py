@@ -2,8 +2,9 @@
 
 One decode step at batch 1 is predicted as the planned projections, each one node of
 onnxruntime (its latency from the table: measured, or the table's bandwidth model), except
-that q/k/v and gate/up of a block that share a format are one fused node, as the export
-emits them (fp16, int8 or int4, never w8a8); plus ``blocks x block_overhead_us +
+that q/k/v of a block that share a format are one fused node, as the export emits them by
+default (fp16, int8 or int4, never w8a8; gate/up too where the export fuses them,
+``DEFAULT_KINDS`` of :mod:`quantcal.export.fusion`); plus ``blocks x block_overhead_us +
 token_overhead_us`` from the table for everything else (attention and its KV cache, norms,
 activations, residual adds, the embedding gather, the greedy argmax). The embedding's format
 changes nothing here. Tokens/s = 1e6 / step microseconds.
@@ -23,6 +24,7 @@ from typing import Mapping
 from quantcal.calibrate.planner import Candidate, FuseGroup, least_latency
 from quantcal.config import PlanSpeed, RunRecord
 from quantcal.errors import QuantcalError
+from quantcal.export.fusion import DEFAULT_KINDS, GATE_UP
 from quantcal.families import FAMILIES, Graph
 from quantcal.formats import FP16, Format
 from quantcal.latency import LatencyTable, default_table, fusable, load_table
@@ -67,7 +69,7 @@ def fuse_groups(record: RunRecord) -> list[tuple[str, ...]]:
         att, mlp = fam.attention, fam.mlp
         for b in blocks:
             groups = [] if att.qkv else [tuple(fam.attn(b, p) for p in (att.q, att.k, att.v))]
-            if fam.gated_mlp and mlp.gate_up is None:
+            if fam.gated_mlp and mlp.gate_up is None and GATE_UP in DEFAULT_KINDS:
                 groups.append((fam.mlp_part(b, mlp.gate), fam.mlp_part(b, mlp.up)))
             out += [g for g in groups if set(g) <= linear and g not in out]
     return out

@@ -4,7 +4,10 @@ For each quantizable module the hook sees its input ``x`` (..., C) and output ``
 and folds them into a :class:`LayerStats`, in fp32, on the device the module runs on, with
 no host synchronisation (no ``.item()``, no data-dependent shapes): per-input-channel min,
 max, sum |x|, sum x^2, signed log2 histograms, per-output-channel |y| max, the token count
-(known on the host from shapes) and optionally X^T X for Hessian-aware rounding.
+(known on the host from shapes) and, only when asked (one layer at a time: the export
+tests, the hooks' benchmark), X^T X. The calibrate stage never asks: GPTQ builds its
+Hessians block by block from the quantized model's own activations
+(:mod:`quantcal.calibrate.gptq`), so the statistics pass holds no (K, K) matrix.
 
 Two economies keep the hooks cheap (the target is <= 15% over a plain forward on a GPU):
 modules fed the very same input tensor in a row (q/k/v, gate/up) fold it once and share
@@ -14,7 +17,7 @@ the sums use every token. The output's per-channel max |y| (informational; nothi
 downstream needs it exactly) is taken over the same token sample.
 
 Reads nothing from disk; ``to_tensors``/``from_tensors`` give the ``stats.safetensors`` layout
-(``{layer}/{stat}``).
+(``{layer}/{stat}``), which holds no Hessian: ``xtx`` is neither written nor read.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class LayerStats:
         self.hist_pos = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
         self.hist_neg = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
         self.out_absmax = torch.zeros(out_features, **f32)
+        # X^T X (C, C), only when asked; never written to stats.safetensors
         self.xtx = torch.zeros(in_features, in_features, **f32) if hessian else None
         self.tokens = 0
 
@@ -75,10 +79,11 @@ class LayerStats:
         _out_folder(y2.device)(sample, self.out_absmax)
 
     def copy_input_from_(self, other: "LayerStats") -> None:
-        """Take ``other``'s input statistics (same input tensor, e.g. k_proj from q_proj)."""
+        """Take ``other``'s input statistics (same input tensor, e.g. k_proj from q_proj);
+        an X^T X is shared, not copied (it is read-only once collected)."""
         for f in ("min", "max", "sum_abs", "sum_sq", "hist_pos", "hist_neg"):
             setattr(self, f, getattr(other, f).clone())
-        self.xtx = None if other.xtx is None else other.xtx.clone()
+        self.xtx = other.xtx
         self.tokens = other.tokens
 
     @property
@@ -105,8 +110,6 @@ class LayerStats:
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}/{f}": getattr(self, f) for f in self._FIELDS}
         out[f"{prefix}/tokens"] = torch.tensor(self.tokens, dtype=torch.int64)
-        if self.xtx is not None:
-            out[f"{prefix}/xtx"] = self.xtx
         return out
 
     @classmethod
@@ -114,8 +117,8 @@ class LayerStats:
                      device: torch.device | str = "cpu") -> "LayerStats":
         n_in = tensors[f"{prefix}/min"].numel()
         n_out = tensors[f"{prefix}/out_absmax"].numel()
-        stats = cls(n_in, n_out, device, hessian=f"{prefix}/xtx" in tensors)
-        for f in cls._FIELDS + (("xtx",) if stats.xtx is not None else ()):
+        stats = cls(n_in, n_out, device)
+        for f in cls._FIELDS:  # an older file's xtx stays on disk
             t = tensors[f"{prefix}/{f}"]
             setattr(stats, f, t.to(device, torch.float64 if f.startswith("hist") else
                                     torch.float32))

@@ -270,6 +270,7 @@ class OnnxBackend(_LmEvalBackend):
 @contextlib.contextmanager
 def _fake_quant(model: nn.Module, run: RunDir):
     """Swap in the run plan's fake-quant modules while the context is open."""
+    from quantcal.calibrate.awq import apply_awq_
     from quantcal.fakequant import fake_quant_modules, swapped
     from quantcal.models import quantizable_layers
     from quantcal.plancheck import resolved_formats
@@ -280,6 +281,7 @@ def _fake_quant(model: nn.Module, run: RunDir):
                             "layers differ from this model's; pass that model or its run")
     qparams, meta = run.load_tensors(QPARAMS, "qparams")
     formats = resolved_formats(run.read_plan(), record, meta.get("formats", "").split(","))
+    apply_awq_(model, qparams)  # a --awq run quantized the scaled model (a no-op otherwise)
     with swapped(model, fake_quant_modules(model, formats, qparams)):
         yield model
 

@@ -54,11 +54,33 @@ def _plan_section(plan: Plan) -> list[str]:
         "| format | layers |", "| --- | ---: |",
         *[f"| {f} | {n} |" for f, n in sorted(counts.items())], "",
         _predicted_damage(plan), "",
+        *_uniform_rows(plan),
         "Layers kept or forced by rules:", "",
     ]
     ruled = [(n, p) for n, p in plan.layers.items() if p.reason.startswith("rule")]
     lines += [f"- `{n}`: {p.format.name} ({p.reason})" for n, p in ruled] or ["- none"]
     return lines + [""]
+
+
+def _uniform_rows(plan: Plan) -> list[str]:
+    """The uniform plans no larger than the mixed one, measured on the same windows
+    (calibrate/uniform.py), and which plan was kept."""
+    if not plan.uniform:
+        return []
+    kept = ("the mixed plan" if plan.choice == "mixed" else
+            f"the {plan.choice} plan, which measured better than the mixed one")
+    rows = [f"Against uniform plans no larger than it (same held-out windows), {kept} was "
+            "kept:", "", "| plan | bits/weight | size (MB) | KL measured | / kept plan's |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    own = {"bits_per_weight": plan.totals.get("bits_per_weight", 0.0),
+           "size_bytes": float(plan.predicted_size_bytes), "kl_measured": plan.kl_measured}
+    entries = {plan.choice: own, **{k: v for k, v in plan.uniform.items()
+                                    if k != plan.choice.removeprefix("uniform ")}}
+    for name, f in entries.items():
+        ratio = (f["kl_measured"] / plan.kl_measured if plan.kl_measured else float("nan"))
+        rows.append(f"| {name} | {f['bits_per_weight']:.3f} | {f['size_bytes'] / 1e6:.2f} | "
+                    f"{f['kl_measured']:.4g} | {ratio:.2f}x |")
+    return rows + [""]
 
 
 def _sensitivity_section(run: RunDir) -> list[str]:

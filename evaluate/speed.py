@@ -94,18 +94,17 @@ def bench_model(path: Path, *, provider: str = "auto", batch: int = 1, prompt_le
     short = prompt[:, :DECODE_PROMPT]
 
     def prefill() -> None:
-        runner.prefill(prompt, host_logits=False,
+        runner.prefill(prompt, host_logits=False, last_logits=True,
                        cache_length=prompt_len if runner.shares_cache else None)
 
     cache = short.shape[1] + new_tokens if runner.shares_cache else None
 
     def start():
-        return runner.prefill(short, host_logits=False, cache_length=cache)
+        return runner.prefill(short, host_logits=False, cache_length=cache, last_logits=True)
 
     def decode() -> None:  # as generation runs: cache in place, only token ids to the host
-        logits = start()
-        for _ in range(new_tokens):
-            logits = runner.decode_step(runner.next_tokens(logits), host_logits=False)
+        for _ in runner.greedy(start(), new_tokens + 1):  # new_tokens model steps
+            pass
 
     with _PeakMemory() as memory:
         prefill()  # warm-up: kernels, arena

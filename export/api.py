@@ -5,7 +5,11 @@ copy), and refuses them unless they belong together and the model's files are st
 ones calibrated (:mod:`quantcal.provenance`). Builds the decoder for the model's family
 (q/k/v and gate/up of one format as one node each unless ``fuse`` is off,
 :mod:`quantcal.export.fusion`) and writes ``model.onnx`` (+ ``.onnx.data``) into a staging
-folder, verifies it there (the ONNX checker, logits against the torch model with the same
+folder, block by block: the model is loaded in float32 with its decoder blocks left in the
+memory-mapped checkpoint (``low_memory``, :mod:`quantcal.lazymodel`), each block read while
+its nodes are built and its packed weights written straight to the ``.data`` file
+(:class:`quantcal.export.builder.ExternalData`), so no copy of the whole model is held.
+It verifies the model there (the ONNX checker, logits against the torch model with the same
 fake-quant, greedy decoding with the KV cache against recomputation, every layer alone or
 through its fused node) and, only when it passed, promotes the model with its record
 (``export.json``) as one transaction (:mod:`quantcal.txn`), with the files that make its
@@ -18,21 +22,27 @@ run's.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import onnx
 import torch
 
+from quantcal.calibrate.awq import SCALE_KEY, apply_awq_
 from quantcal.errors import QuantcalError, StageInterrupted
-from quantcal.export.builder import save_model
+from quantcal.export.builder import ExternalData, save_model
 from quantcal.export.emit import graph_op_counts
 from quantcal.export.genai import write_genai_files
 from quantcal.export.graphs import build_decoder
 from quantcal.export.parity import check_parity, failure_detail
-from quantcal.models import load_model
+from quantcal.lazymodel import TensorFile, on_each_block_
+from quantcal.models import block_index, load_model
 from quantcal.plancheck import resolved_formats
 from quantcal.provenance import (
     ExportRecord, check_digest, check_model_unchanged, onnx_digests, record_path, sha256_file,
@@ -43,6 +53,7 @@ from quantcal.session import resolve_provider
 from quantcal.txn import Stage
 
 DTYPES = {"cuda": np.float16, "cpu": np.float32}
+log = logging.getLogger(__name__)
 
 
 def _checked_inputs(run: RunDir, plan_path: Path | None):
@@ -72,12 +83,12 @@ def _finite(figures: dict) -> dict:
 
 def export_onnx(run: RunDir, *, plan_path: Path | None = None, provider: str = "cuda",
                 output: Path | None = None, verify_provider: str | None = None,
-                fuse: bool = True) -> ExportRecord:
+                fuse: bool | tuple[str, ...] = True) -> ExportRecord:
     """Export the run's model under its plan for ``provider`` (``auto``: cuda where it runs,
     else cpu, decided once the inputs are known good); verify it (on ``verify_provider``, by
     default the target provider, which must then run here); commit it with its record.
-    ``fuse``: q/k/v and gate/up sharing a format as one node each (the record's ``fused``
-    names them)."""
+    ``fuse``: q/k/v sharing a format as one node each, or the kinds of group to fuse
+    (:func:`quantcal.export.fusion.fuse_kinds`; the record's ``fused`` names them)."""
     if provider not in (*DTYPES, "auto"):
         raise QuantcalError(f"--provider {provider!r}: use auto, cuda or cpu")
     record, plan, made_from = _checked_inputs(run, plan_path)
@@ -116,16 +127,17 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
     """Build, save and verify the model in the staging folder; write its record there."""
     start_stage()
     t0 = time.perf_counter()
-    qparams, meta = run.load_tensors(QPARAMS, "qparams")
+    meta = run.load_tensors(QPARAMS, "qparams")[1]  # checked; then read a layer at a time
+    qparams = TensorFile(run.file(QPARAMS))
     formats = resolved_formats(plan, record, meta.get("formats", "").split(","))
-    model, tokenizer = load_model(record.config.model, revision=record.config.revision,
-                                  trust_remote_code=record.config.trust_remote_code,
-                                  dtype=torch.float32, device="cpu")
+    model, tokenizer = _load(record)
+    _fold_awq_(model, qparams)  # a --awq run's scales, folded in as calibrate folded them
     dtype = DTYPES[provider]
-    builder = build_decoder(model, formats, qparams, dtype, fuse=fuse)
-    graph = builder.model()
     staged = stage.file(final.name)
-    save_model(graph, staged)
+    with ExternalData(staged) as data:  # weights written as the graph is built
+        builder = build_decoder(model, formats, qparams, dtype, fuse=fuse, data=data)
+        graph = builder.model()
+        save_model(graph, staged, data=data)
     timings = {"build_s": time.perf_counter() - t0}
     onnx.checker.check_model(str(staged), full_check=False)
     t = time.perf_counter()
@@ -144,6 +156,31 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
         genai=genai, fused=builder.fused)
     atomic_write_json(stage.file(record_path(final).name), out)
     return out
+
+
+def _load(record):
+    """The run's model in float32 on the CPU, its decoder blocks left in the memory-mapped
+    checkpoint until the graph, the parity checks or a forward reads them (one or two at a
+    time) when accelerate is installed; else loaded whole."""
+    low_memory = importlib.util.find_spec("accelerate") is not None
+    if not low_memory:
+        log.warning("quantcal: accelerate is not installed, so the whole model is loaded in "
+                    "float32 for export; pip install accelerate to export block by block")
+    return load_model(record.config.model, revision=record.config.revision,
+                      trust_remote_code=record.config.trust_remote_code, dtype=torch.float32,
+                      device="cpu", low_memory=low_memory)
+
+
+def _fold_awq_(model, qparams: Mapping) -> None:
+    """Fold a --awq run's scales into the model as calibrate folded them
+    (:func:`quantcal.calibrate.awq.apply_awq_`), each block's whenever it is read."""
+    per_block: dict = defaultdict(dict)
+    for key in qparams:
+        if key.endswith("/" + SCALE_KEY):
+            layer = key[:-len(SCALE_KEY) - 1]
+            per_block[block_index(model, layer)][key] = qparams[key]
+    apply_awq_(model, per_block.pop(None, {}))  # scales outside the blocks are refused
+    on_each_block_(model, lambda i: apply_awq_(model, per_block.get(i, {})))
 
 
 def _failure(out: ExportRecord, path: Path, failed: Path, plan) -> str:

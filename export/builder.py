@@ -4,11 +4,18 @@ Node names follow the module path (``model.layers.3.mlp.down_proj`` becomes
 ``/model/layers.3/mlp/down_proj``, as onnxruntime-genai names them), so a plan keyed by
 module name maps onto the graph without guessing. Models are written atomically; weights go
 to one external-data file beside the model (``model.onnx.data``) so models over 2 GB work.
+
+A builder given an :class:`ExternalData` writes each large initializer to that file the
+moment it is added and keeps only its place (offset, length): a whole model's weights are
+never in memory at once. The file is laid out exactly as ``onnx.save_model`` lays it out
+(initializers of at least :data:`SIZE_THRESHOLD` bytes, in graph order, back to back), so a
+streamed model and one saved whole are the same bytes.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +28,7 @@ from quantcal.runner import SHARED_CACHE_KEY
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
+SIZE_THRESHOLD = 1024  # onnx.save_model's: tensors whose raw data (sys.getsizeof) reaches it
 
 
 def node_prefix(module_name: str) -> str:
@@ -38,11 +46,60 @@ def onnx_dtype(dtype: Any) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-class GraphBuilder:
-    """Accumulates a graph; ``dtype`` is the activation dtype (float16 on GPU, float32 CPU)."""
+class ExternalData:
+    """The weights file of a model under construction, written as its initializers come.
 
-    def __init__(self, dtype: Any = np.float32):
+    Created beside the model's final path as a hidden partial file; :func:`save_model`
+    moves it into place. Use as a context manager: a file never handed to ``save_model``
+    (a failed build) is removed on exit.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        model_path = Path(model_path)
+        self.location = model_path.name + ".data"  # as the saved model names it
+        self.path = model_path.parent / f".{self.location}.partial"
+        self._file = open(self.path, "wb")
+
+    def tensor(self, array: np.ndarray, name: str) -> TensorProto:
+        """``array`` as the initializer ``name``: when ``onnx.save_model`` would store it
+        outside the model, its bytes are appended to the file now and the tensor only
+        points at them (its bytes never sit in a proto: protobuf keeps a cleared field's
+        memory until the whole message goes); else the tensor holds them."""
+        raw = numpy_helper.tobytes_little_endian(array)
+        if array.dtype.kind not in "fiub" or sys.getsizeof(raw) < SIZE_THRESHOLD:
+            return numpy_helper.from_array(array, name)  # small, or packed by onnx itself
+        tensor = TensorProto()
+        tensor.dims.extend(array.shape)
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        offset = self._file.tell()
+        self._file.write(raw)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", offset),
+                           ("length", len(raw))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        return tensor
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "ExternalData":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+class GraphBuilder:
+    """Accumulates a graph; ``dtype`` is the activation dtype (float16 on GPU, float32 CPU);
+    ``data``: the weights file large initializers are written to as they come."""
+
+    def __init__(self, dtype: Any = np.float32, data: ExternalData | None = None):
         self.dtype = np.dtype(dtype)
+        self.data = data  # where large initializers go as they come (None: kept in memory)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -60,7 +117,9 @@ class GraphBuilder:
         if name in self._names:
             raise ValueError(f"duplicate tensor name {name}")
         self._names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        self.initializers.append(numpy_helper.from_array(array, name) if self.data is None
+                                 else self.data.tensor(array, name))
         return name
 
     def const(self, name: str, values: Sequence | np.ndarray, dtype: Any = np.int64) -> str:
@@ -95,10 +154,19 @@ class GraphBuilder:
         return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write ``model`` with its weights in ``<path>.data``, both atomically."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike,
+               data: ExternalData | None = None) -> None:
+    """Write ``model`` with its weights in ``<path>.data``, both atomically.
+
+    Args:
+        data: the weights file a streaming builder wrote ``model``'s initializers to
+            (:class:`ExternalData` made for ``path``); it becomes ``<path>.data``, and any
+            large initializer still in memory is appended to it.
+    """
     path = Path(path)
     data_name = path.name + ".data"
+    if data is not None and data.location != data_name:
+        raise ValueError(f"{data.path} was made for {data.location}, not {data_name}")
     with atomic_path(path.parent / data_name) as tmp_data:
         tmp_data.unlink(missing_ok=True)
         with atomic_path(path) as tmp_model:
@@ -107,9 +175,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
             scratch = tmp_model.parent / f".{path.name}.scratch"
             scratch.mkdir(exist_ok=True)
             try:
+                if data is not None:
+                    data.close()
+                    os.replace(data.path, scratch / data_name)
                 onnx.save_model(model, scratch / path.name, save_as_external_data=True,
                                 all_tensors_to_one_file=True, location=data_name,
-                                size_threshold=1024)
+                                size_threshold=SIZE_THRESHOLD)
                 os.replace(scratch / path.name, tmp_model)
                 if (scratch / data_name).exists():
                     os.replace(scratch / data_name, tmp_data)

@@ -26,16 +26,16 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from quantcal.export.builder import GraphBuilder, node_prefix
+from quantcal.export.builder import ExternalData, GraphBuilder, node_prefix
 from quantcal.export.emit import (
     block_initializers, emit_embedding, emit_linear, gather_shared, matmulnbits, pack_block,
 )
 from quantcal.export.fusion import emit_fused, fusion_groups
 from quantcal.fakequant import act_qparams, embedding_qparams, layer_qparams
-from quantcal.export.layers import attention, mlp, rms_norm, skip_norm
+from quantcal.export.layers import attention, logit_rows, mlp, rms_norm, skip_norm
 from quantcal.export.rope import MAX_CACHE_POSITIONS, rotary_caches
 from quantcal.formats import FP16, Format, shares_tied_weight
-from quantcal.models import family_of, weight_matrix
+from quantcal.models import family_of, held_blocks, weight_matrix
 from quantcal.packing import MatMulNBitsWeight
 
 __all__ = ["MAX_CACHE_POSITIONS", "build_llama", "graph_outputs"]
@@ -62,7 +62,7 @@ class _Ctx:
         self.b, self.model, self.formats, self.qparams = b, model, formats, qparams
         self.family = family_of(model)
         self.fuse = fuse
-        self.groups = fusion_groups(model, formats) if fuse else {}
+        self.groups = fusion_groups(model, formats, fuse)
         cfg = model.config
         heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -191,23 +191,28 @@ def _block(ctx: _Ctx, i: int, x: str, residual: str, seqlens: str, total: str,
 
 
 def build_llama(model: nn.Module, formats: Mapping[str, Format],
-                qparams: Mapping[str, torch.Tensor], dtype, *, fuse: bool = True
-                ) -> GraphBuilder:
+                qparams: Mapping[str, torch.Tensor], dtype, *, fuse: bool = True,
+                data: ExternalData | None = None) -> GraphBuilder:
     """The whole rotary decoder as a GraphBuilder (``dtype``: activation dtype; ``fuse``:
     q/k/v and gate/up of one format as one node each, :mod:`quantcal.export.fusion`, and
-    a packed q/k/v fed to GroupQueryAttention as it is). ``b.fused`` names what was fused."""
+    a packed q/k/v fed to GroupQueryAttention as it is). ``b.fused`` names what was fused.
+    ``data``: where the weights go as they come; a lazily loaded model's blocks are read
+    one (and the next one's input norm) at a time."""
     cfg = model.config
-    b = GraphBuilder(dtype)
+    b = GraphBuilder(dtype, data)
     ctx = _Ctx(b, model, formats, qparams, fuse)
     fam = ctx.family
     _graph_inputs(b, cfg.num_hidden_layers, ctx.kv_heads, ctx.head_dim)
     seqlens, total = _sequence_lengths(b)
     ropes = rotary_caches(b, model, fam, total)
     residual = _embed(ctx)
-    x = rms_norm(ctx, fam.norm(0, fam.norms.attn_in), residual)
-    for i in range(cfg.num_hidden_layers):
-        x, residual = _block(ctx, i, x, residual, seqlens, total, ropes[i])
-    logits = _final_softcap(ctx, ctx.linear(fam.lm_head, x))
+    with held_blocks(model) as hold:
+        hold(0)
+        x = rms_norm(ctx, fam.norm(0, fam.norms.attn_in), residual)
+        for i in range(cfg.num_hidden_layers):
+            hold(i, i + 1)  # block i ends with block i + 1's input norm
+            x, residual = _block(ctx, i, x, residual, seqlens, total, ropes[i])
+    logits = _final_softcap(ctx, ctx.linear(fam.lm_head, logit_rows(ctx, x)))
     graph_outputs(b, logits, cfg.num_hidden_layers, ctx.kv_heads, ctx.head_dim,
                   cfg.vocab_size)
     return b

@@ -14,10 +14,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
+from quantcal.export.builder import MS_DOMAIN, ExternalData, GraphBuilder, node_prefix
 from quantcal.export.decoder import _Ctx, _graph_inputs, _sequence_lengths, graph_outputs
 from quantcal.export.layers import activation
 from quantcal.formats import Format
+from quantcal.models import held_blocks
 
 
 def _skip_ln(ctx: _Ctx, name: str, x: str, residual: str, ln: nn.LayerNorm
@@ -52,12 +53,14 @@ def _mlp(ctx: _Ctx, i: int, x: str) -> str:
 
 
 def build_gpt2(model: nn.Module, formats: Mapping[str, Format],
-               qparams: Mapping[str, torch.Tensor], dtype, *, fuse: bool = True
-               ) -> GraphBuilder:
+               qparams: Mapping[str, torch.Tensor], dtype, *, fuse: bool = True,
+               data: ExternalData | None = None) -> GraphBuilder:
     """The whole GPT-2 decoder as a GraphBuilder (``dtype``: activation dtype). ``fuse`` is
-    moot: its checkpoint fuses q/k/v already (``c_attn``) and its MLP has no gate."""
+    moot: its checkpoint fuses q/k/v already (``c_attn``) and its MLP has no gate.
+    ``data``: where the weights go as they come; a lazily loaded model's blocks are read
+    one (and the next one's ``ln_1``) at a time."""
     cfg = model.config
-    b = GraphBuilder(dtype)
+    b = GraphBuilder(dtype, data)
     ctx = _Ctx(b, model, formats, qparams)
     tr = model.transformer
     head_dim = cfg.n_embd // cfg.n_head
@@ -67,19 +70,23 @@ def build_gpt2(model: nn.Module, formats: Mapping[str, Format],
     (pos,) = b.node("Gather", [ctx.weight("transformer.wpe.weight", tr.wpe.weight),
                                "position_ids"], name="/transformer/wpe/Gather")
     (hidden,) = b.node("Add", [tok, pos], name="/transformer/embeddings/Add")
-    ln = tr.h[0].ln_1
-    (x,) = b.node("LayerNormalization", [hidden, ctx.weight("transformer.h.0.ln_1.weight",
-                                                            ln.weight),
-                                         ctx.weight("transformer.h.0.ln_1.bias", ln.bias)],
-                  name="/transformer/h.0/ln_1/LayerNorm", axis=-1, epsilon=float(ln.eps))
-    residual = hidden
-    for i in range(cfg.n_layer):
-        attn = _attention(ctx, i, x, seqlens, total)
-        x, residual = _skip_ln(ctx, f"transformer.h.{i}.ln_2", attn, residual, tr.h[i].ln_2)
-        mlp = _mlp(ctx, i, x)
-        nxt = (f"transformer.h.{i + 1}.ln_1", tr.h[i + 1].ln_1) if i + 1 < cfg.n_layer \
-            else ("transformer.ln_f", tr.ln_f)
-        x, residual = _skip_ln(ctx, nxt[0], mlp, residual, nxt[1])
+    with held_blocks(model) as hold:
+        hold(0)
+        ln = tr.h[0].ln_1
+        (x,) = b.node("LayerNormalization", [
+            hidden, ctx.weight("transformer.h.0.ln_1.weight", ln.weight),
+            ctx.weight("transformer.h.0.ln_1.bias", ln.bias)],
+            name="/transformer/h.0/ln_1/LayerNorm", axis=-1, epsilon=float(ln.eps))
+        residual = hidden
+        for i in range(cfg.n_layer):
+            hold(i, i + 1)  # block i ends with block i + 1's ln_1
+            attn = _attention(ctx, i, x, seqlens, total)
+            x, residual = _skip_ln(ctx, f"transformer.h.{i}.ln_2", attn, residual,
+                                   tr.h[i].ln_2)
+            mlp = _mlp(ctx, i, x)
+            nxt = (f"transformer.h.{i + 1}.ln_1", tr.h[i + 1].ln_1) if i + 1 < cfg.n_layer \
+                else ("transformer.ln_f", tr.ln_f)
+            x, residual = _skip_ln(ctx, nxt[0], mlp, residual, nxt[1])
     graph_outputs(b, ctx.linear("lm_head", x), cfg.n_layer, cfg.n_head, head_dim,
                   cfg.vocab_size)
     return b

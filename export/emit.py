@@ -1,9 +1,11 @@
 """Emission of one quantized linear layer (or the token embedding) into an ONNX graph, one
 emitter per format type.
 
-``emit_linear`` looks the emitter up by ``type(fmt)`` (never by name) and appends the nodes
-and initializers of ``y = x @ w_hat^T + b`` to a :class:`GraphBuilder`, where ``w_hat`` is the
-weight :func:`quantcal.fakequant.quantized_weight` gives (the torch reference):
+``emit_linear`` looks the emitter up by ``type(fmt)`` (never by name) in the format's
+:class:`~quantcal.formatspec.FormatSpec` (declared in :mod:`quantcal.formatdefs`, which
+names the emitters and op counts below) and appends the nodes and initializers of
+``y = x @ w_hat^T + b`` to a :class:`GraphBuilder`, where ``w_hat`` is the weight
+:func:`quantcal.fakequant.quantized_weight` gives (the torch reference):
 
 - ``fp16``: ``MatMul`` by the transposed weight, stored in the activation dtype.
 - ``int4-gN`` / ``int8``: ``MatMulNBits`` (com.microsoft) from :func:`pack_matmulnbits`;
@@ -27,7 +29,7 @@ Reads and writes nothing but the builder it is given.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -36,7 +38,8 @@ import torch
 from quantcal import qmath
 from quantcal.errors import QuantcalError
 from quantcal.export.builder import MS_DOMAIN, GraphBuilder, node_prefix
-from quantcal.formats import FP16, W8A8, BlockQuant, Format, Int4, Int8
+from quantcal.formats import FP16, W8A8, BlockQuant, Format
+from quantcal.formatspec import spec_of, specs
 from quantcal.packing import MatMulNBitsWeight, pack_gather_block_quantized, pack_matmulnbits
 
 ACT_BITS = 8
@@ -55,8 +58,9 @@ def add_bias(b: GraphBuilder, layer: str, y: str, bias: torch.Tensor | None) -> 
     return b.node("Add", [y, name], name=f"{node_prefix(layer)}/Add")[0]
 
 
-def _emit_fp16(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: FP16,
-               qp: QParams, act_qp: QParams | None) -> str:
+def emit_matmul(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: FP16,
+                qp: QParams, act_qp: QParams | None) -> str:
+    """fp16: ``MatMul`` by the transposed weight."""
     wt = b.initializer(f"{layer}.weight", _np(w.t(), b.dtype))  # (K, N)
     return b.node("MatMul", [x, wt], name=f"{node_prefix(layer)}/MatMul")[0]
 
@@ -105,14 +109,16 @@ def matmulnbits(b: GraphBuilder, layer: str, x: str, weight: list[str],
                   block_size=packed.block_size, accuracy_level=0)[0]
 
 
-def _emit_block(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: BlockQuant,
-                qp: QParams, act_qp: QParams | None) -> str:
+def emit_matmulnbits(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: BlockQuant,
+                     qp: QParams, act_qp: QParams | None) -> str:
+    """A block format: ``MatMulNBits`` of the weight :func:`pack_block` packs."""
     packed = pack_block(layer, fmt, w, qp)
     return matmulnbits(b, layer, x, block_initializers(b, layer, packed), packed)
 
 
-def _emit_w8a8(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: W8A8,
-               qp: QParams, act_qp: QParams | None) -> str:
+def emit_qdq(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: W8A8,
+             qp: QParams, act_qp: QParams | None) -> str:
+    """w8a8: the input and the weight through QuantizeLinear/DequantizeLinear, then MatMul."""
     if act_qp is None:
         raise QuantcalError(f"{layer}: w8a8 needs the layer's activation qparams; re-run "
                             "`quantcal calibrate` with w8a8 among --formats")
@@ -137,13 +143,6 @@ def _emit_w8a8(b: GraphBuilder, layer: str, x: str, w: torch.Tensor, fmt: W8A8,
     return b.node("MatMul", [xdq, w_dq], name=f"{prefix}/MatMul")[0]
 
 
-Emitter = Callable[[GraphBuilder, str, str, torch.Tensor, Format, QParams, QParams | None],
-                   str]
-_EMITTERS: dict[type, Emitter] = {
-    FP16: _emit_fp16, Int4: _emit_block, Int8: _emit_block, W8A8: _emit_w8a8,
-}
-
-
 def emit_linear(b: GraphBuilder, layer: str, x: str, weight: torch.Tensor,
                 bias: torch.Tensor | None, fmt: Format, qp: QParams,
                 act_qp: QParams | None = None) -> str:
@@ -161,11 +160,11 @@ def emit_linear(b: GraphBuilder, layer: str, x: str, weight: torch.Tensor,
     Returns:
         The name of the output tensor, ``(..., N)`` in ``b.dtype``.
     """
-    emitter = _EMITTERS.get(type(fmt))
-    if emitter is None:
+    spec = specs().get(type(fmt))
+    if spec is None:
         raise QuantcalError(f"{layer}: no ONNX emitter for format {fmt!r}; known: "
-                            + ", ".join(t.__name__ for t in _EMITTERS))
-    y = emitter(b, layer, x, weight.detach(), fmt, qp, act_qp)
+                            + ", ".join(t.__name__ for t in specs()))
+    y = spec.emit_linear(b, layer, x, weight.detach(), fmt, qp, act_qp)
     return add_bias(b, layer, y, bias)
 
 
@@ -211,11 +210,21 @@ def emit_embedding(b: GraphBuilder, layer: str, ids: str, table: torch.Tensor, f
     Returns:
         The name of the output tensor, ``(..., H)`` in ``b.dtype``.
     """
-    if isinstance(fmt, FP16):
-        init = b.initializer(f"{layer}.weight", _np(table, b.dtype))  # (V, H)
-        return b.node("Gather", [init, ids], name=f"{node_prefix(layer)}/Gather")[0]
-    if not isinstance(fmt, BlockQuant):
+    if not fmt.embeddable:
         raise QuantcalError(f"{layer}: an embedding takes fp16, int8 or int4-gN, not {fmt.name}")
+    return spec_of(fmt).emit_embedding(b, layer, ids, table, fmt, qp)
+
+
+def emit_gather(b: GraphBuilder, layer: str, ids: str, table: torch.Tensor, fmt: FP16,
+                qp: QParams) -> str:
+    """fp16: ``Gather`` from the table, stored as ``{layer}.weight``."""
+    init = b.initializer(f"{layer}.weight", _np(table, b.dtype))  # (V, H)
+    return b.node("Gather", [init, ids], name=f"{node_prefix(layer)}/Gather")[0]
+
+
+def emit_gather_block_quantized(b: GraphBuilder, layer: str, ids: str, table: torch.Tensor,
+                                fmt: BlockQuant, qp: QParams) -> str:
+    """A block format: ``GatherBlockQuantized`` from the packed table (its own)."""
     table = table.detach()
     packed = pack_gather_block_quantized(*_block_qparams(layer, fmt, table, qp), fmt.bits,
                                          fmt.group_size, blocks=fmt.gather_blocks(table.shape[1]))
@@ -239,27 +248,24 @@ def gather_shared(b: GraphBuilder, layer: str, ids: str, weight: list[str],
                                    packed.n_blocks * packed.block_size)
 
 
-def _block_ops(fmt: BlockQuant) -> dict[str, int]:
+def matmul_ops(fmt: FP16) -> dict[str, int]:
+    return {"MatMul": 1}
+
+
+def matmulnbits_ops(fmt: BlockQuant) -> dict[str, int]:
     return {f"MatMulNBits.bits{fmt.bits}": 1}
 
 
-def _gather_ops(fmt: BlockQuant) -> dict[str, int]:
+def qdq_ops(fmt: W8A8) -> dict[str, int]:
+    return {"QuantizeLinear": 1, "DequantizeLinear": 2, "MatMul": 1}
+
+
+def gather_ops(fmt: FP16) -> dict[str, int]:
+    return {}  # a plain Gather, not counted
+
+
+def gather_block_quantized_ops(fmt: BlockQuant) -> dict[str, int]:
     return {f"GatherBlockQuantized.bits{fmt.bits}": 1}
-
-
-_OPS: dict[type, Callable[[Format], dict[str, int]]] = {
-    FP16: lambda fmt: {"MatMul": 1},
-    Int4: _block_ops,
-    Int8: _block_ops,
-    W8A8: lambda fmt: {"QuantizeLinear": 1, "DequantizeLinear": 2, "MatMul": 1},
-}
-
-
-_EMBEDDING_OPS: dict[type, Callable[[Format], dict[str, int]]] = {
-    FP16: lambda fmt: {},  # a plain Gather, not counted
-    Int4: _gather_ops,
-    Int8: _gather_ops,
-}
 
 
 def planned_op_counts(formats: Mapping[str, Format], embeddings: Collection[str] = (),
@@ -280,7 +286,12 @@ def planned_op_counts(formats: Mapping[str, Format], embeddings: Collection[str]
     for name, fmt in formats.items():
         if name in served:
             continue  # a fused node is counted once, with its group's first member
-        total.update((_EMBEDDING_OPS if name in embeddings else _OPS)[type(fmt)](fmt))
+        spec = spec_of(fmt)
+        ops = spec.embedding_ops if name in embeddings else spec.linear_ops
+        if ops is None:
+            raise QuantcalError(f"{name}: an embedding takes fp16, int8 or int4-gN, "
+                                f"not {fmt.name}")
+        total.update(ops(fmt))
     return dict(total)
 
 

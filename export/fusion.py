@@ -33,39 +33,60 @@ from quantcal.export import emit
 from quantcal.export.builder import GraphBuilder, node_prefix
 from quantcal.fakequant import layer_qparams
 from quantcal.families import Graph
-from quantcal.formats import FP16, BlockQuant, Format, Int4, Int8
+from quantcal.formats import BlockQuant, Format
+from quantcal.formatspec import specs
 from quantcal.models import family_of, weight_matrix
 from quantcal.packing import MatMulNBitsWeight
 
-FUSABLE = (FP16, Int4, Int8)  # formats whose emitted weights concatenate row-wise exactly
+# formats whose emitted weights concatenate row-wise exactly, as each declares (Format.fusable)
+FUSABLE = tuple(t for t in specs() if t.fusable)
 QKV, GATE_UP = "qkv_proj", "gate_up_proj"
+ALL_KINDS = (QKV, GATE_UP)
+# What ``fuse=True`` fuses. q/k/v only: GroupQueryAttention takes the packed q/k/v as it is,
+# while a fused gate/up needs a Split, which on an H100 (onnxruntime 1.31) costs about what
+# the one node saves at M = 1 (2.7 us against 1-4 us per block) and far more in prefill
+# (37 us per block of the 1B shape at 1024 tokens): opt in with ``ALL_KINDS`` / --fuse-mlp.
+DEFAULT_KINDS = (QKV,)
 
 
-def _candidates(model: nn.Module) -> Iterator[tuple[str, tuple[str, ...]]]:
-    """Every (fused name, member layers) a rotary model could fuse, block by block."""
+def _candidates(model: nn.Module, kinds: Sequence[str] = ALL_KINDS
+                ) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Every (fused name, member layers) of ``kinds`` a rotary model could fuse."""
     fam = family_of(model)
     if fam.graph is not Graph.ROTARY:
         return
     att, mlp = fam.attention, fam.mlp
     for i in range(model.config.num_hidden_layers):
-        if att.qkv is None:
+        if att.qkv is None and QKV in kinds:
             yield fam.attn(i, QKV), tuple(fam.attn(i, p) for p in (att.q, att.k, att.v))
-        if fam.gated_mlp and mlp.gate_up is None:
+        if fam.gated_mlp and mlp.gate_up is None and GATE_UP in kinds:
             yield fam.mlp_part(i, GATE_UP), (fam.mlp_part(i, mlp.gate),
                                              fam.mlp_part(i, mlp.up))
 
 
+def fuse_kinds(fuse: bool | Sequence[str]) -> tuple[str, ...]:
+    """The kinds of group a ``fuse`` argument asks for: True the default, False none."""
+    if fuse is True:
+        return DEFAULT_KINDS
+    kinds = tuple(fuse or ())
+    unknown = set(kinds) - set(ALL_KINDS)
+    if unknown:
+        raise ValueError(f"unknown fusion kinds {sorted(unknown)}; use {ALL_KINDS}")
+    return kinds
+
+
 def _fusable(model: nn.Module, formats: Mapping[str, Format], members: Sequence[str]) -> bool:
     fmts = {formats.get(n) for n in members}
-    if len(fmts) != 1 or not isinstance(next(iter(fmts)), FUSABLE):
+    if len(fmts) != 1 or next(iter(fmts)) is None or not next(iter(fmts)).fusable:
         return False
     return len({model.get_submodule(n).bias is None for n in members}) == 1
 
 
-def fusion_groups(model: nn.Module, formats: Mapping[str, Format]) -> dict[str, tuple[str, ...]]:
+def fusion_groups(model: nn.Module, formats: Mapping[str, Format],
+                  fuse: bool | Sequence[str] = True) -> dict[str, tuple[str, ...]]:
     """``{fused name: member layers}`` of the layers ``model`` emits as one node under
-    ``formats`` (empty for a family with nothing to fuse)."""
-    return {name: members for name, members in _candidates(model)
+    ``formats`` (empty for a family with nothing to fuse); ``fuse``: see :func:`fuse_kinds`."""
+    return {name: members for name, members in _candidates(model, fuse_kinds(fuse))
             if _fusable(model, formats, members)}
 
 

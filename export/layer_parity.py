@@ -1,14 +1,16 @@
 """Per-layer parity: which planned layer an export gets wrong.
 
 For every planned layer (linear layers, the head and the token embedding), the input it sees
-in the torch fake-quant model is captured with a forward hook on one window; the layer's
+in the torch fake-quant model (:mod:`quantcal.export.reference`, a block at a time) is
+captured with a forward hook on one window; the layer's
 emitted ONNX op(s) are then built alone into a one-node graph (``export.emit`` with the same
 qparams, exactly as the decoder emits them) and run in onnxruntime on that input, and their
 output is compared with the fake-quant module's. Layers the export fuses into one node
 (:mod:`quantcal.export.fusion`) are checked through that node: it runs once on their shared
 input, and each layer's slice of its output is compared with that layer's module, so the
 figures still name the layer. They name the layer that disagrees most, so that a failed
-whole-model check says where to look.
+whole-model check says where to look. The layers are built block by block, each block's
+weights held only while its layers are (a model loaded with ``low_memory`` reads it then).
 
 Reads the model, plan formats and qparams it is given; writes nothing.
 """
@@ -28,11 +30,10 @@ from quantcal.export.emit import (
     block_initializers, emit_embedding, emit_linear, gather_shared, pack_block,
 )
 from quantcal.export.fusion import emit_fused, split_fused, widths
-from quantcal.fakequant import (
-    act_qparams, embedding_qparams, fake_quant_modules, layer_qparams, swapped,
-)
+from quantcal.export.reference import fake_quant_reference
+from quantcal.fakequant import act_qparams, embedding_qparams, layer_qparams
 from quantcal.formats import FP16, Format, shares_tied_weight
-from quantcal.models import family_of, weight_matrix
+from quantcal.models import block_index, family_of, held_blocks, weight_matrix
 
 LAYER_KEY = "layer_max_abs/"  # + layer name: that layer's max abs error against torch
 WORST_KEY = "worst_layer/"  # + layer name: the worst layer's error relative to its output
@@ -50,19 +51,11 @@ def capture_io(model: nn.Module, formats: Mapping[str, Format],
     """
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def hook(name: str):
-        def save(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            captured[name] = (args[0].detach().cpu(), out.detach().float().cpu())
-        return save
+    def save(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        captured[name] = (x.detach().cpu(), y.detach().float().cpu())
 
-    with swapped(model, fake_quant_modules(model, formats, qparams)):
-        handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in formats]
-        try:
-            with torch.inference_mode():
-                model(ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+    with fake_quant_reference(model, formats, qparams, observe=save), torch.inference_mode():
+        model(ids, use_cache=False)
     return captured
 
 
@@ -152,19 +145,27 @@ def layer_errors(model: nn.Module, formats: Mapping[str, Format],
     export emits as one node; that node runs once on the members' (shared) input and each
     member's slice of its output is compared with that member's module."""
     captured = capture_io(model, formats, qparams, ids)
-    through_fused = {}
-    for name, members in (fused or {}).items():
-        x = captured[members[0]][0]
-        graph = fused_graph(model, name, members, formats, qparams, dtype, x.shape[-1])
-        for member, got in zip(members, _run(graph, x, dtype, provider)):
-            through_fused[member] = _error(got, captured[member][1])
-    out = {}
-    for name, (x, y) in captured.items():  # in plan order
-        if name in through_fused:
-            out[name] = through_fused[name]
-        else:
-            graph = layer_graph(model, name, formats, qparams, dtype, x.shape[-1])
-            out[name] = _error(_run(graph, x, dtype, provider)[0], y)
+    groups = fused or {}
+    group_of = {m: name for name, members in groups.items() for m in members}
+    out: dict[str, tuple[float, float]] = {}
+    through_fused: dict[str, tuple[float, float]] = {}
+    with held_blocks(model) as hold:
+        for name, (x, y) in captured.items():  # in forward order, so block by block
+            block = block_index(model, name)
+            hold(*(() if block is None else (block,)))
+            group = group_of.get(name)
+            if group is not None and name not in through_fused:
+                members = groups[group]
+                gx = captured[members[0]][0]
+                graph = fused_graph(model, group, members, formats, qparams, dtype,
+                                    gx.shape[-1])
+                for member, got in zip(members, _run(graph, gx, dtype, provider)):
+                    through_fused[member] = _error(got, captured[member][1])
+            if group is not None:
+                out[name] = through_fused[name]
+            else:
+                graph = layer_graph(model, name, formats, qparams, dtype, x.shape[-1])
+                out[name] = _error(_run(graph, x, dtype, provider)[0], y)
     return out
 
 

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from onnx import TensorProto
 
 from quantcal.export.builder import MS_DOMAIN, node_prefix
 from quantcal.export.fusion import GATE_UP, QKV, split_fused
 from quantcal.families import Activation, NormStyle, Sliding, activation_of
+from quantcal.runner import LOGITS_FROM
 
 if TYPE_CHECKING:
     from quantcal.export.decoder import _Ctx
@@ -161,3 +163,16 @@ def mlp(ctx: "_Ctx", i: int, x: str) -> str:
     p = node_prefix(f"{fam.block(i)}.{m.path}")
     (prod,) = ctx.b.node("Mul", [activation(ctx, p, gate), up], name=f"{p}/Mul")
     return ctx.linear(fam.mlp_part(i, m.down), prod)
+
+
+def logit_rows(ctx: "_Ctx", x: str) -> str:
+    """The final hidden states (B, S, H) from position ``logits_from`` on, for the head: an
+    int64 (1,) graph input whose default (0) keeps every position, as evaluation needs;
+    generation's prefill passes -1 and the head (the largest matrix of a small model, at
+    1024 tokens by 49k-256k columns) runs for the last position only."""
+    b = ctx.b
+    b.input(LOGITS_FROM, TensorProto.INT64, [1])
+    b.initializer(LOGITS_FROM, np.zeros(1, dtype=np.int64))
+    end = b.const("/model/logits_from/end", [np.iinfo(np.int64).max])
+    axis = b.const("/model/logits_from/axis", [1])
+    return b.node("Slice", [x, LOGITS_FROM, end, axis], name="/model/logits_from/Slice")[0]

@@ -1,13 +1,16 @@
 """Verifying an exported decoder against torch.
 
 The torch reference is the model with the plan's fake-quant stand-ins swapped in
-(:mod:`quantcal.fakequant`). For an fp32 graph it is evaluated in float64 when a float64
-copy fits :data:`EXACT_BYTES`: a model with massive activations (SmolLM2 has outputs of
-2,000 to 25,000 at a few positions) amplifies fp32 rounding there by 10^3 or more, so that
-two fp32 computations of the same network, summed in different orders, differ by up to the
-tolerance; the float64 result is what both should be close to, and the tolerance rules are
-unchanged. The fp32 reference's own distance from float64 is recorded
-(``torch_fp32_max_abs``) beside the graph's distance from each.
+(:mod:`quantcal.fakequant`), made one decoder block at a time
+(:mod:`quantcal.export.reference`): no copy of the model is made, and a model loaded with
+``low_memory`` reads one block at a time. For an fp32 graph it is evaluated in float64 when
+a float64 copy of the model would fit :data:`EXACT_BYTES` (the rule of the days when that
+copy was made, kept so that the same models get the same check): a model with massive
+activations (SmolLM2 has outputs of 2,000 to 25,000 at a few positions) amplifies fp32
+rounding there by 10^3 or more, so that two fp32 computations of the same network, summed
+in different orders, differ by up to the tolerance; the float64 result is what both should
+be close to, and the tolerance rules are unchanged. The fp32 reference's own distance from
+float64 is recorded (``torch_fp32_max_abs``) beside the graph's distance from each.
 
 Checks, on fixed pseudo-random tokens: the logits of a full prefill; greedy decoding with
 the KV cache (prefill, then one token per step, feeding ``present`` back as ``past``)
@@ -20,7 +23,7 @@ that disagrees most.
 
 from __future__ import annotations
 
-import copy
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -32,12 +35,12 @@ from torch import nn
 from quantcal.errors import QuantcalError
 from quantcal.export.layer_parity import layer_errors, layer_figures, worst_layer
 from quantcal.export.parity_batch import far_position_figures, padded_batch_figures
-from quantcal.fakequant import fake_quant_modules, swapped
+from quantcal.export.reference import fake_quant_reference, tensor_count
 from quantcal.formats import Format
 
 WINDOWS, WINDOW_LEN, PROMPT_LEN, NEW_TOKENS = 2, 16, 6, 8
 HALF_MARGIN = 3.0  # an fp16 graph's logits error, in units of torch's own fp16 error
-EXACT_BYTES = 8 << 30  # largest float64 copy of the model made for the exact reference
+EXACT_BYTES = 8 << 30  # largest float64 model (as a copy) checked against float64
 CHECKS = ("long_passed", "padded_passed")  # extra checks that must pass when they ran
 # a layer's max abs error, relative to its largest output, beyond rounding: a bug (one
 # flipped int8 code in a group shows as ~5e-3)
@@ -108,13 +111,6 @@ def _greedy(dec: _Decoder, prompt: np.ndarray) -> tuple[bool, int, float]:
     return agree, ties, worst
 
 
-def exact_copy(model: nn.Module) -> nn.Module | None:
-    """A float64 copy of ``model`` (stand-ins included), or None when it would take more
-    than :data:`EXACT_BYTES`."""
-    size = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
-    return copy.deepcopy(model).double() if 8 * size <= EXACT_BYTES else None
-
-
 def _tolerance(half: bool, fp16_err: float | None) -> Callable[[np.ndarray], float]:
     """The export's rule: fp32 ``1e-3 + 1e-4 * max|ref|``; fp16 ``2e-2 * max|ref| + 1e-2``
     or :data:`HALF_MARGIN` times torch's own fp16 error, whichever is larger."""
@@ -138,29 +134,36 @@ def _run_checked(fn, *args, **kwargs):
             "--provider cpu on a CPU-only machine") from None
 
 
-def _prefill_figures(dec: _Decoder, model: nn.Module, exact: nn.Module | None,
-                     windows: torch.Tensor, half: bool) -> tuple[dict[str, float], Callable]:
-    """Logits of a full prefill against torch (float64 when ``exact``), greedy decoding
-    with the cache against recomputation; returns the figures and the tolerance rule."""
+def _prefill_figures(dec: _Decoder, model: nn.Module, reference: Callable,
+                     windows: torch.Tensor, half: bool
+                     ) -> tuple[dict[str, float], Callable, bool]:
+    """Logits of a full prefill against torch (float64 when the model is small enough),
+    greedy decoding with the cache against recomputation; returns the figures, the
+    tolerance rule and whether the reference is float64. ``reference(dtype=...)``: the
+    fake-quant model's context (:func:`fake_quant_reference` of ``model``)."""
     onnx_logits, _ = dec.run(windows.numpy(), dec.empty_cache(WINDOWS))
     match, ties, step_err = _greedy(dec, windows[0, :PROMPT_LEN].numpy())
-    ref32 = model(windows, use_cache=False).logits.double().numpy()
-    ref = ref32 if exact is None else exact(windows, use_cache=False).logits.numpy()
-    figures = {}
-    if exact is not None:
+    with reference():
+        ref32 = model(windows, use_cache=False).logits.double().numpy()
+        exact = not half and 8 * tensor_count(model) <= EXACT_BYTES
+    ref, figures = ref32, {}
+    if exact:
+        with reference(dtype=torch.float64):
+            ref = model(windows, use_cache=False).logits.numpy()
         figures["torch_fp32_max_abs"] = float(np.abs(ref32 - ref).max())
         figures["logits_vs_fp32_max_abs"] = float(np.abs(onnx_logits - ref32).max())
     if half:
         # an fp16 graph cannot be closer to the fp32 reference than fp16 rounding allows:
         # the same torch model run in fp16 measures that, and the graph may be off by a
         # small multiple of it (its kernels round in other places)
-        figures["torch_fp16_max_abs"] = half_deviation(model, windows, ref)
+        figures["torch_fp16_max_abs"] = half_deviation(model, windows, ref,
+                                                       reference=reference)
     rule = _tolerance(half, figures.get("torch_fp16_max_abs"))
     err = float(np.abs(onnx_logits - ref).max())
     return {"logits_max_abs": err, "logits_ref_max": float(np.abs(ref).max()),
             "tolerance": rule(ref), "decode_step_max_abs": step_err,
             "greedy_match": float(match), "greedy_near_ties": float(ties),
-            "greedy_tokens": float(NEW_TOKENS), **figures}, rule
+            "greedy_tokens": float(NEW_TOKENS), **figures}, rule, exact
 
 
 @torch.inference_mode()
@@ -172,7 +175,8 @@ def check_parity(path: Path, model: nn.Module, formats: Mapping[str, Format],
 
     Args:
         model: the float32 torch model, unquantized (the plan's stand-ins are swapped in
-            here, and out again before returning).
+            here, a block at a time, and out again before returning); loaded whole, or
+            with ``low_memory``.
         formats, qparams: the plan's formats and the run's qparams.
         fused: ``{fused name: member layers}`` the graph emits as one node each (its
             builder's ``fused``); each member is checked through that node.
@@ -183,13 +187,13 @@ def check_parity(path: Path, model: nn.Module, formats: Mapping[str, Format],
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1234)
     windows = torch.randint(0, vocab, (WINDOWS, WINDOW_LEN), generator=g)
-    with swapped(model, fake_quant_modules(model, formats, qparams)):
-        exact = None if half else exact_copy(model)
-        figures, rule = _run_checked(_prefill_figures, dec, model, exact, windows, half)
-        reference = model if exact is None else exact
-        figures.update(_run_checked(far_position_figures, dec, reference, windows, rule))
-        figures.update(_run_checked(padded_batch_figures, dec, reference, rule))
-        del exact
+    reference = partial(fake_quant_reference, model, formats, qparams)
+    figures, rule, exact = _run_checked(_prefill_figures, dec, model, reference, windows,
+                                        half)
+    with reference(dtype=torch.float64 if exact else None):
+        figures.update(_run_checked(far_position_figures, dec, model, windows, rule,
+                                    dtype=torch.float64 if exact else None))
+        figures.update(_run_checked(padded_batch_figures, dec, model, rule))
     errors = _run_checked(layer_errors, model, formats, qparams, windows[:1],
                           dtype=np.dtype(dtype), provider=provider, fused=fused)
     figures.update(layer_figures(errors))
@@ -240,14 +244,22 @@ def failure_detail(figures: Mapping[str, float | None], formats: Mapping[str, st
     return "".join(f"; {p}" for p in parts)
 
 
-def half_deviation(model: nn.Module, windows: torch.Tensor, ref: np.ndarray) -> float:
-    """max |logits - ref| of a float16 copy of ``model`` (on CUDA when there is one)."""
+def half_deviation(model: nn.Module, windows: torch.Tensor, ref: np.ndarray, *,
+                   reference: Callable | None = None) -> float:
+    """max |logits - ref| of ``model`` in float16 (on CUDA when there is one), converted a
+    block at a time as ``.half()`` would convert a copy of it.
+
+    Args:
+        reference: ``reference(dtype=..., device=...)``, the context that makes ``model``
+            the plan's fake-quant model (:func:`fake_quant_reference`); None: ``model``
+            as it is (stand-ins already swapped in, or none).
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    half = copy.deepcopy(model).half().to(device)
+    reference = reference or partial(fake_quant_reference, model, {}, {})
     try:
-        out = half(windows.to(device), use_cache=False).logits.float().cpu().numpy()
+        with reference(dtype=torch.float16, device=device):
+            out = model(windows.to(device), use_cache=False).logits.float().cpu().numpy()
     finally:
-        del half
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return float(np.abs(out - ref).max())

@@ -1,7 +1,7 @@
 """Parity where short windows cannot see: far positions and padded batches.
 
-Two checks of an exported decoder against the torch fake-quant model (the caller swaps the
-stand-ins in), on fixed pseudo-random tokens:
+Two checks of an exported decoder against the torch fake-quant model (the caller makes
+``model`` that, :mod:`quantcal.export.reference`), on fixed pseudo-random tokens:
 
 - **far positions**: both are given the same past KV cache of length P (post-rotary keys and
   values, the convention of HF's ``DynamicCache`` and of GroupQueryAttention's
@@ -88,11 +88,13 @@ def _cache_keyword(model: nn.Module) -> str:
 
 
 def torch_logits_with_past(model: nn.Module, ids: torch.Tensor,
-                           past: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
-    """Logits ``(1, S, V)`` of ``ids`` after ``past`` (P positions) in HF's own cache."""
+                           past: list[tuple[torch.Tensor, torch.Tensor]],
+                           dtype: torch.dtype | None = None) -> np.ndarray:
+    """Logits ``(1, S, V)`` of ``ids`` after ``past`` (P positions) in HF's own cache, the
+    cache in ``dtype`` (default: that of the model's first parameter)."""
     from transformers import DynamicCache
 
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     cache = DynamicCache(ddp_cache_data=[(k.to(dtype), v.to(dtype)) for k, v in past],
                          config=model.config)
     p, s = past[0][0].shape[2], ids.shape[1]
@@ -102,11 +104,13 @@ def torch_logits_with_past(model: nn.Module, ids: torch.Tensor,
     return out.logits.double().numpy()
 
 
-def far_position_figures(dec, model: nn.Module, windows: torch.Tensor, tolerance
-                         ) -> dict[str, float]:
+def far_position_figures(dec, model: nn.Module, windows: torch.Tensor, tolerance,
+                         dtype: torch.dtype | None = None) -> dict[str, float]:
     """The far-position check: ``long_*`` figures. ``model``: the torch reference (float64
     when affordable); ``windows`` ``(B, S)``: tokens whose cache the past is sampled from;
-    ``tolerance(ref)`` gives the allowed max abs error for reference logits ``ref``."""
+    ``tolerance(ref)`` gives the allowed max abs error for reference logits ``ref``;
+    ``dtype``: the reference's (default: that of its first parameter), which its cache
+    takes."""
     p, wanted = long_past_length(model.config, dec.kv_heads, dec.head_dim)
     if p == 0:
         return {}
@@ -121,7 +125,7 @@ def far_position_figures(dec, model: nn.Module, windows: torch.Tensor, tolerance
     ids = torch.randint(0, model.config.vocab_size, (1, LONG_LEN),
                         generator=torch.Generator().manual_seed(99))
     got, _ = dec.run(ids.numpy(), cache)
-    ref = torch_logits_with_past(model, ids, past)
+    ref = torch_logits_with_past(model, ids, past, dtype)
     err = float(np.abs(got - ref).max())
     return {"long_past_length": float(p), "long_past_wanted": float(wanted),
             "long_logits_max_abs": err, "long_tolerance": tolerance(ref),

@@ -111,7 +111,22 @@ for _command in COMMANDS:
               help="aware: activation-aware clip search per group; rtn: plain round to "
               "nearest (the reference).")
 @click.option("--hessian/--no-hessian", default=False, show_default=True,
-              help="Also accumulate X^T X per layer for Hessian-aware (GPTQ) rounding.")
+              help="Round the int4/int8 candidates with GPTQ, block by block as GPTQ does: "
+              "each block's Hessians (X^T X / n, one per group of layers fed one input) are "
+              "taken on the outputs of the layers and blocks already quantized (in the "
+              "cheapest candidate format of each layer), used and freed, one block on the "
+              "device at a time; group ranges are set as the columns are quantized (clip "
+              "search under --weight-method aware, min/max under rtn). stats.safetensors "
+              "holds no Hessian.")
+@click.option("--act-order", is_flag=True,
+              help="With --hessian: quantize the columns by descending Hessian diagonal "
+              "(GPTQ's act-order); group ranges are then fixed before rounding on the "
+              "original column groups (static groups), as MatMulNBits stores them.")
+@click.option("--awq", is_flag=True,
+              help="Activation-aware scaling (AWQ) first: per block, search per-input-channel "
+              "scales that minimise each layer group's output error when rounded to the "
+              "coarsest int4/int8 candidate, and fold them into the preceding norm or "
+              "linear (no op added); qparams.safetensors keeps them for export.")
 @click.option("--sequential", is_flag=True,
               help="Calibrate one decoder block at a time from cached block inputs "
               "(peak GPU memory: one block plus activations).")
@@ -143,7 +158,8 @@ def calibrate(**opts) -> None:
     directory; then (unless --no-sensitivity) sensitivity.json, sensitivity.png and
     plan.json for the budget (default --target-bits 4.5).
     """
-    from quantcal.calibrate.api import calibrate as run_calibration, config_from_options
+    from quantcal.calibrate.api import config_from_options
+    from quantcal.calibrate.distributed import calibrate_on_ranks as run_calibration
     from quantcal.calibrate.planner import Rules
     from quantcal.calibrate.plans import budget_from_options
     from quantcal.resources import describe as describe_peaks
@@ -157,6 +173,8 @@ def calibrate(**opts) -> None:
         opts["sensitivity"] = "none"
     record = run_calibration(config_from_options(opts), run, overwrite=overwrite,
                              budget=budget, rules=rules, progress=shows_progress())
+    if record is None:  # a rank of torchrun other than 0: rank 0 reports for all
+        return
     t = record.timings
     n = sum(i.kind != "embedding" for i in record.layers.values())
     click.echo(f"calibrated {n} layers on {record.config.samples} x "
@@ -168,16 +186,18 @@ def calibrate(**opts) -> None:
 
 
 def _plan_summary(plan) -> str:
+    from quantcal.calibrate.uniform import comparison
+
     counts = ", ".join(f"{int(v)} {k.removeprefix('layers_')}" for k, v in plan.totals.items()
                        if k.startswith("layers_"))
     predicted = (f"KL predicted {plan.kl_predicted:.4g} nats/token" if plan.predicted_by ==
                  "exact" else f"proxy score {plan.kl_predicted:.4g} (Fisher, not KL)")
     kl = f"; {predicted}" + ("" if plan.kl_measured is None else (
         f", KL measured {plan.kl_measured:.4g} nats/token on {plan.measure_windows} held-out "
-        "windows that scored nothing"))
+        "windows that scored nothing" + comparison(plan)))
     speed = "" if plan.predicted_tok_s is None or plan.speed is None else (
         f", predicted decode {plan.predicted_tok_s:.0f} tok/s at batch 1 "
-        f"({plan.speed.fused_groups} of {plan.speed.groups} q/k/v and gate/up groups fused; "
+        f"({plan.speed.fused_groups} of {plan.speed.groups} q/k/v groups fused; "
         f"latency table: {plan.speed.table})")
     return (f"plan ({plan.budget.kind} {plan.budget.value:g}): {counts}; "
             f"{plan.totals['bits_per_weight']:.3f} bits/weight, predicted size "
@@ -200,8 +220,8 @@ def _plan_summary(plan) -> str:
 @click.option("--min-tok-s", type=POSITIVE, help="Least predicted decode tokens/s at batch 1 "
               "(a constraint of the same exact program).")
 @click.option("--prefer-fusable", type=NON_NEGATIVE, metavar="TOL",
-              help="Prefer plans whose q/k/v and gate/up of a block share a format (one fused "
-              "node each) while the predicted KL stays within TOL nats/token of the optimum.")
+              help="Prefer plans whose q/k/v of a block share a format (one fused node each) "
+              "while the predicted KL stays within TOL nats/token of the optimum.")
 @run_option
 @verbosity_options
 def plan(**opts) -> None:
@@ -235,8 +255,13 @@ def plan(**opts) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output model path (default: RUN/model.onnx).")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
-              help="Emit a block's q/k/v (and gate/up) as one node where they share a format "
-              "(export.json lists them under fused); --no-fuse keeps one node per layer.")
+              help="Emit a block's q/k/v as one node where they share a format, fed packed "
+              "to GroupQueryAttention (export.json lists them under fused); --no-fuse keeps "
+              "one node per layer.")
+@click.option("--fuse-mlp/--no-fuse-mlp", default=False, show_default=True,
+              help="With --fuse, also emit gate/up as one node and split its output (on an "
+              "H100 the Split costs what the fused node saves in decoding, and more in "
+              "prefill).")
 @run_option
 @verbosity_options
 def export(**opts) -> None:
@@ -247,11 +272,13 @@ def export(**opts) -> None:
     fake-quant, greedy decoding with the KV cache against recomputation).
     """
     from quantcal.export.api import export_onnx
+    from quantcal.export.fusion import ALL_KINDS
     from quantcal.resources import describe as describe_peaks
     from quantcal.rundir import RunDir
 
     out = export_onnx(RunDir(opts["run"]), plan_path=opts["plan_path"],
-                      provider=opts["provider"], output=opts["output"], fuse=opts["fuse"])
+                      provider=opts["provider"], output=opts["output"],
+                      fuse=(ALL_KINDS if opts["fuse_mlp"] else True) if opts["fuse"] else False)
     p = out.parity
     ops = ", ".join(f"{v} {k}" for k, v in sorted(out.ops.items()))
     click.echo(f"wrote {out.path} ({out.file_bytes / 1e6:.1f} MB, {out.dtype}; {ops}); "

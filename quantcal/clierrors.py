@@ -3,13 +3,15 @@
 A :class:`QuantcalError`, an OS fault (no space, read-only, permission) or a click usage
 error ends the command with one line on stderr, ``quantcal: error: ...``, and exit status 2;
 Ctrl-C (and ``kill``, through :func:`terminate`) ends it with status 130 and says what the
-interrupted stage kept, when it knows. Every command first checks that the installed
-dependencies are recent enough (:func:`quantcal.versions.check_versions`), after its
-options are parsed, so ``--help`` works in any environment.
+interrupted stage kept, when it knows. Under torchrun only rank 0 prints that line. Every
+command first checks that the installed dependencies are recent enough
+(:func:`quantcal.versions.check_versions`), after its options are parsed, so ``--help``
+works in any environment.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -20,6 +22,14 @@ from quantcal.versions import check_versions
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr, except on a rank of torchrun other than 0: rank 0 speaks for all
+    (a follower's own error reaches it, :mod:`quantcal.calibrate.distributed`), so a
+    failure is one line however many ranks there are."""
+    if os.environ.get("RANK", "0") == "0" or "WORLD_SIZE" not in os.environ:
+        click.echo(line, err=True)
 
 
 class QuantcalCommand(click.Command):
@@ -40,14 +50,14 @@ class QuantcalGroup(click.Group):
         try:
             return super().invoke(ctx)
         except QuantcalError as exc:
-            click.echo(f"quantcal: error: {_one_line(exc)}", err=True)
+            _say(f"quantcal: error: {_one_line(exc)}")
             ctx.exit(2)
         except OSError as exc:
-            click.echo(f"quantcal: error: {_one_line(os_error_line(exc))}", err=True)
+            _say(f"quantcal: error: {_one_line(os_error_line(exc))}")
             ctx.exit(2)
         except KeyboardInterrupt as exc:
             said = _one_line(exc)
-            click.echo("quantcal: interrupted" + (f"; {said}" if said else ""), err=True)
+            _say("quantcal: interrupted" + (f"; {said}" if said else ""))
             ctx.exit(130)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
@@ -59,14 +69,14 @@ class QuantcalGroup(click.Group):
             code = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "quantcal"
-            click.echo(f"quantcal: error: {_one_line(exc.format_message())} "
-                       f"(see `{where} --help`)", err=True)
+            _say(f"quantcal: error: {_one_line(exc.format_message())} "
+                 f"(see `{where} --help`)")
             sys.exit(2)
         except click.ClickException as exc:
-            click.echo(f"quantcal: error: {_one_line(exc.format_message())}", err=True)
+            _say(f"quantcal: error: {_one_line(exc.format_message())}")
             sys.exit(exc.exit_code)
         except click.Abort:
-            click.echo("quantcal: interrupted", err=True)
+            _say("quantcal: interrupted")
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 

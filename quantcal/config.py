@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from quantcal.errors import QuantcalError
-from quantcal.formats import DEFAULT_CANDIDATES, Format, parse_format
+from quantcal.formats import DEFAULT_CANDIDATES, BlockQuant, Format, parse_format
 
 SCHEMA_VERSION = 2  # 2: provenance (model_files, files, made_from)
 
@@ -136,7 +136,9 @@ class CalibrateConfig(Strict):
     device: str = "auto"
     observer: str = "mse"
     weight_method: str = "aware"
-    hessian: bool = False
+    hessian: bool = False  # block formats by block-by-block sequential GPTQ (calibrate.gptq)
+    act_order: bool = False  # GPTQ's columns by descending Hessian diagonal, static groups
+    awq: bool = False  # AWQ scales searched and folded into the model first (calibrate.awq)
     sequential: bool = False
     formats: tuple[Format, ...] = DEFAULT_CANDIDATES
     sensitivity: str = "exact"  # exact | fast | none
@@ -160,6 +162,11 @@ class CalibrateConfig(Strict):
             raise QuantcalError(f"unknown weight method {self.weight_method!r}; use aware or rtn")
         if not self.formats:
             raise QuantcalError("no candidate formats; name at least one, e.g. int4-g128")
+        if self.act_order and not self.hessian:
+            raise QuantcalError("--act-order orders GPTQ's columns; it needs --hessian")
+        if self.awq and not any(isinstance(f, BlockQuant) for f in self.formats):
+            raise QuantcalError("--awq searches scales for a weight-only format; add int4-gN "
+                                "or int8 to --formats")
 
 
 @dataclass(frozen=True)
@@ -314,3 +321,7 @@ class Plan(Strict):
     measure_windows: int = 0  # other held-out windows kl_measured was measured on
     made_from: dict[str, str] = field(default_factory=dict)  # sha256 of the qparams planned
     speed: PlanSpeed | None = None  # how predicted_tok_s was made
+    # uniform rivals no larger than the mixed plan, measured on the same windows
+    # (calibrate/uniform.py): {format or "mixed": {bits_per_weight, size_bytes, kl_measured}}
+    uniform: dict[str, dict[str, float]] = field(default_factory=dict)
+    choice: str = "mixed"  # "mixed", or "uniform FORMAT" when a rival measured better

@@ -3,33 +3,37 @@ compares against (sensitivity, plan KL, export parity, the torch evaluation back
 
 ``quantized_weight`` turns a layer's qparams for one format into the dequantized ``(N, K)``
 weight the exported model will multiply by (GPTQ codes when present, else the codes the
-qparams give). ``FakeQuantLinear`` stands in for an ``nn.Linear`` or GPT-2 ``Conv1D``:
-it multiplies by that weight and, for ``w8a8``, first fake-quantizes its input with the
-static activation scale. ``FakeQuantEmbedding`` stands in for the token embedding: its rows
-are the dequantized table. A head tied to the embedding shares one ``nn.Parameter`` with it;
-each gets its own stand-in (the modules are swapped, never the parameter), and an embedding
-planned in its tied head's format uses the head's qparams (:func:`embedding_qparams`), as
-the export stores that matrix once for both. ``swapped`` swaps stand-ins in for a set of
-layers and always restores the originals.
+qparams give), with the handler the format's :class:`~quantcal.formatspec.FormatSpec`
+names (``fake_weight``, the ones below). ``FakeQuantLinear`` stands in for an ``nn.Linear``
+or GPT-2 ``Conv1D``: it multiplies by that weight and, for a format with a static
+activation scale (``w8a8``), first fake-quantizes its input with it.
+``FakeQuantEmbedding`` stands in for the token embedding: its rows are the dequantized
+table. A head tied to the embedding shares one ``nn.Parameter`` with it; each gets its own
+stand-in (the modules are swapped, never the parameter), and an embedding planned in its
+tied head's format uses the head's qparams (:func:`embedding_qparams`), as the export
+stores that matrix once for both. ``swapped`` swaps stand-ins in for a set of layers and
+always restores the originals.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from quantcal import qmath
 from quantcal.errors import QuantcalError
-from quantcal.formats import FP16, W8A8, BlockQuant, Format, Int4, Int8
+from quantcal.formats import FP16, W8A8, BlockQuant, Format
+from quantcal.formatspec import spec_of
 
 ACT_BITS = 8
 
 
-def _block_weight(fmt: BlockQuant, w: torch.Tensor, qp: Mapping[str, torch.Tensor]
-                  ) -> torch.Tensor:
+def block_weight(fmt: BlockQuant, w: torch.Tensor, qp: Mapping[str, torch.Tensor]
+                 ) -> torch.Tensor:
+    """``(codes - zero) * scale`` per group: the GPTQ codes, else ``w`` rounded."""
     scale, zero = qp["scale"].to(w.device), qp["zero"].to(w.device)
     codes = qp.get("codes")
     if codes is None:
@@ -37,24 +41,21 @@ def _block_weight(fmt: BlockQuant, w: torch.Tensor, qp: Mapping[str, torch.Tenso
     return qmath.dequantize_weight(codes.to(w.device), scale, zero, fmt.group_size)
 
 
-def _w8a8_weight(fmt: W8A8, w: torch.Tensor, qp: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def w8a8_weight(fmt: W8A8, w: torch.Tensor, qp: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``w`` rounded to int8 per output channel and back."""
     return qmath.fake_quant_weight(w.float(), qp["scale"].to(w.device), qp["zero"].to(w.device),
                                    8, None)
 
 
-def _fp16_weight(fmt: FP16, w: torch.Tensor, qp: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def fp16_weight(fmt: FP16, w: torch.Tensor, qp: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``w`` itself (in float32)."""
     return w.float()
-
-
-_WEIGHT: dict[type, Callable[..., torch.Tensor]] = {
-    Int4: _block_weight, Int8: _block_weight, W8A8: _w8a8_weight, FP16: _fp16_weight,
-}
 
 
 def quantized_weight(fmt: Format, w: torch.Tensor, qp: Mapping[str, torch.Tensor]
                      ) -> torch.Tensor:
     """The dequantized ``(N, K)`` float32 weight of ``w`` under ``fmt`` and its qparams."""
-    return _WEIGHT[type(fmt)](fmt, w.float(), qp)
+    return spec_of(fmt).fake_weight(fmt, w.float(), qp)
 
 
 class FakeQuantLinear(nn.Module):
@@ -99,7 +100,7 @@ def fake_quant_module(module: nn.Module, fmt: Format, qp: Mapping[str, torch.Ten
     from quantcal.models import weight_matrix
 
     if isinstance(module, nn.Embedding):
-        if not isinstance(fmt, BlockQuant):
+        if not fmt.embeddable or isinstance(fmt, FP16):
             raise QuantcalError(f"an embedding takes a weight-only format (int8, int4-gN), "
                                 f"not {fmt.name}")
         table = module.weight.detach()
@@ -110,10 +111,10 @@ def fake_quant_module(module: nn.Module, fmt: Format, qp: Mapping[str, torch.Ten
     w = weight_matrix(module).detach()
     w_hat = quantized_weight(fmt, w, qp).to(w.dtype)
     act = None
-    if isinstance(fmt, W8A8):
+    if fmt.static_activations:
         if act_qp is None:
-            raise QuantcalError("w8a8 needs the layer's activation qparams; re-run "
-                                "`quantcal calibrate` with w8a8 among --formats")
+            raise QuantcalError(f"{fmt.name} needs the layer's activation qparams; re-run "
+                                f"`quantcal calibrate` with {fmt.name} among --formats")
         act = (act_qp["scale"], act_qp["zero"])
     return FakeQuantLinear(w_hat, module.bias, act)
 
@@ -143,7 +144,7 @@ def layer_qparams(qparams: Mapping[str, torch.Tensor], layer: str, fmt: Format
                   ) -> dict[str, torch.Tensor]:
     """``{scale, zero[, codes]}`` of ``layer`` for ``fmt`` from a qparams.safetensors mapping."""
     prefix = f"{layer}/{fmt.name}/"
-    found = {k[len(prefix):]: v for k, v in qparams.items() if k.startswith(prefix)}
+    found = {k[len(prefix):]: qparams[k] for k in qparams if k.startswith(prefix)}
     if not found and not isinstance(fmt, FP16):
         raise QuantcalError(f"qparams.safetensors has no {fmt.name} qparams for {layer}; "
                             f"re-run `quantcal calibrate` with {fmt.name} among --formats")
@@ -152,7 +153,7 @@ def layer_qparams(qparams: Mapping[str, torch.Tensor], layer: str, fmt: Format
 
 def act_qparams(qparams: Mapping[str, torch.Tensor], layer: str) -> dict[str, torch.Tensor] | None:
     prefix = f"{layer}/act/"
-    found = {k[len(prefix):]: v for k, v in qparams.items() if k.startswith(prefix)}
+    found = {k[len(prefix):]: qparams[k] for k in qparams if k.startswith(prefix)}
     return found or None
 
 

@@ -5,6 +5,16 @@ name. ``parse_format`` turns the strings users write (CLI flags, ``plan.json``) 
 and rejects anything else with a message listing what exists. ``Format.name`` is the
 canonical spelling and round-trips through ``parse_format``.
 
+A format class declares here all of itself that needs no torch: its math (bits, groups),
+its size (:meth:`Format.weight_bytes`, :meth:`Format.float_bytes` and their embedding
+variants), its speed (the layout the export emits, the latency model's kernel family, the
+nodes and bytes of one decode step) and its roles (fusable, embeddable, static activation
+scale). Its stage handlers (qparams, fake-quant, ONNX emitter) are one
+:class:`~quantcal.formatspec.FormatSpec` in :mod:`quantcal.formatdefs`, and
+:func:`quantcal.formatspec.check_formats` refuses any concrete format lacking a piece of
+either half. A family of formats that is not one itself says so: ``class X(Format,
+base=True)``.
+
 Sizes are counted the way the exported ONNX model stores them: an ``(N, K)`` weight of a
 MatMulNBits format holds ``ceil(K / group)`` blocks per output row, each block of
 ``group * bits / 8`` bytes plus one fp16 scale and, when asymmetric, one packed zero point.
@@ -18,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from quantcal.errors import QuantcalError
 
@@ -25,10 +36,37 @@ INT4_GROUP_SIZES = (32, 64, 128)
 INT8_GROUP_SIZES = (32, 64, 128, 256)
 SCALE_BITS = 16  # scales are stored in fp16 (the activation dtype on GPU)
 
+# the layouts the export emits (quantcal.latency names more, for its kernel bench)
+MATMUL = "matmul"  # fp16: a plain MatMul
+PLAIN = "plain"  # MatMulNBits with the weights as quantcal exports them
+QDQ = "qdq"  # QuantizeLinear / DequantizeLinear around an fp MatMul
+EXPORT_LAYOUTS = (MATMUL, PLAIN, QDQ)
+# the latency model's bandwidth families
+NBITS_KERNEL = "matmulnbits"
+DENSE_KERNEL = "matmul"
+KERNEL_FAMILIES = (NBITS_KERNEL, DENSE_KERNEL)
+
 
 @dataclass(frozen=True)
 class Format:
-    """Base of all formats. Subclasses are the vocabulary; do not add state here."""
+    """Base of all formats. Subclasses are the vocabulary; do not add state here.
+
+    A concrete subclass overrides ``name``, ``weight_bits``, ``weight_bytes`` and
+    ``float_bytes`` and sets ``export_layout`` and ``kernel_family``; the other traits
+    default to the cautious answer (not fused, no embedding, no activation quantizer).
+    """
+
+    is_base: ClassVar[bool] = True  # a family of formats, not one (see __init_subclass__)
+    export_layout: ClassVar[str | None] = None  # one of EXPORT_LAYOUTS
+    kernel_family: ClassVar[str | None] = None  # one of KERNEL_FAMILIES
+    nodes_per_projection: ClassVar[int] = 1  # nodes the export emits per projection
+    fusable: ClassVar[bool] = False  # projections sharing it and their input: one node
+    embeddable: ClassVar[bool] = False  # a token embedding may take it
+    static_activations: ClassVar[bool] = False  # quantizes its input with a static scale
+
+    def __init_subclass__(cls, base: bool = False, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.is_base = base
 
     @property
     def name(self) -> str:
@@ -42,6 +80,11 @@ class Format:
         """Bytes an (N out, K in) weight takes in the exported model, scales included."""
         raise NotImplementedError
 
+    def float_bytes(self, n: int, k: int) -> int:
+        """Bytes of an (N, K) weight's floating-point tensors in the fp16 export (a whole
+        fp16 weight; a quantized one's scales): the CPU export stores them in fp32."""
+        raise NotImplementedError
+
     def bits_per_weight(self, n: int, k: int) -> float:
         """Average stored bits per weight element of an (N, K) weight, overhead counted."""
         return 8.0 * self.weight_bytes(n, k) / (n * k)
@@ -50,13 +93,27 @@ class Format:
         """Bytes a ``(V, H)`` token embedding table takes in the exported model."""
         return self.weight_bytes(v, h)
 
+    def embedding_float_bytes(self, v: int, h: int) -> int:
+        """:meth:`float_bytes` of a ``(V, H)`` token embedding table."""
+        return self.float_bytes(v, h)
+
+    def decode_bytes(self, n: int, k: int) -> int:
+        """Bytes one decode step moves for an (N, K) projection as the export emits it
+        (the latency model's traffic): by default, the stored weight."""
+        return self.weight_bytes(n, k)
+
     def __str__(self) -> str:
         return self.name
 
 
 @dataclass(frozen=True)
 class FP16(Format):
-    """Unquantized: fp16 weights, emitted as a plain MatMul."""
+    """Unquantized: fp16 weights, emitted as a plain MatMul (an embedding: a Gather)."""
+
+    export_layout = MATMUL
+    kernel_family = DENSE_KERNEL
+    fusable = True  # MatMul weights concatenate along N
+    embeddable = True
 
     @property
     def name(self) -> str:
@@ -69,14 +126,23 @@ class FP16(Format):
     def weight_bytes(self, n: int, k: int) -> int:
         return 2 * n * k
 
+    def float_bytes(self, n: int, k: int) -> int:
+        return 2 * n * k
+
 
 @dataclass(frozen=True)
-class BlockQuant(Format):
+class BlockQuant(Format, base=True):
     """Weight-only quantization per group of ``group_size`` input channels (MatMulNBits).
 
     Weights are stored as unsigned codes ``q`` with ``w ~ (q - zero_point) * scale``; a
-    symmetric format stores no zero points (MatMulNBits then uses ``2**(bits-1)``).
+    symmetric format stores no zero points (MatMulNBits then uses ``2**(bits-1)``). A token
+    embedding is a GatherBlockQuantized table of the same blocks.
     """
+
+    export_layout = PLAIN
+    kernel_family = NBITS_KERNEL
+    fusable = True  # MatMulNBits quantizes each output row alone: rows concatenate
+    embeddable = True
 
     group_size: int = 128
     symmetric: bool = False
@@ -114,6 +180,12 @@ class BlockQuant(Format):
     def embedding_bytes(self, v: int, h: int) -> int:
         return self.weight_bytes(v, self.gather_blocks(h) * self.group_size)
 
+    def float_bytes(self, n: int, k: int) -> int:
+        return n * self.n_blocks(k) * 2  # one scale per block
+
+    def embedding_float_bytes(self, v: int, h: int) -> int:
+        return v * self.gather_blocks(h) * 2
+
 
 @dataclass(frozen=True)
 class Int4(BlockQuant):
@@ -149,7 +221,13 @@ class Int8(BlockQuant):
 @dataclass(frozen=True)
 class W8A8(Format):
     """``w8a8``: int8 weights per output channel (symmetric), int8 activations per tensor
-    with a static scale from calibration; emitted as QuantizeLinear/DequantizeLinear."""
+    with a static scale from calibration; emitted as QuantizeLinear/DequantizeLinear.
+    Each layer quantizes its own input, so no two fuse, and an embedding has no input."""
+
+    export_layout = QDQ
+    kernel_family = DENSE_KERNEL
+    nodes_per_projection = 4  # Q and DQ of the activation, DQ of the weight, the MatMul
+    static_activations = True
 
     @property
     def name(self) -> str:
@@ -161,6 +239,12 @@ class W8A8(Format):
 
     def weight_bytes(self, n: int, k: int) -> int:
         return n * k + n * SCALE_BITS // 8  # int8 codes + one scale per output channel
+
+    def float_bytes(self, n: int, k: int) -> int:
+        return 2 * n  # one weight scale per output channel (int8 codes)
+
+    def decode_bytes(self, n: int, k: int) -> int:
+        return 5 * n * k  # DQ reads int8 and writes fp16 weights, the MatMul reads them
 
 
 _PATTERN = re.compile(r"^(fp16|w8a8|int8|int4)(?:-g(\d+))?(-sym)?$")

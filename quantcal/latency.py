@@ -29,23 +29,17 @@ from typing import ClassVar, Sequence
 
 from quantcal.config import Strict
 from quantcal.errors import QuantcalError
-from quantcal.formats import FP16, W8A8, BlockQuant, Format
+from quantcal.formats import DENSE_KERNEL, MATMUL, NBITS_KERNEL, PLAIN, QDQ, Format
 
 SHIPPED = Path(__file__).resolve().parent / "data" / "latency_h100.json"
 
-# how a projection's weights are laid out for its kernel
-MATMUL = "matmul"  # fp16: a plain MatMul
-PLAIN = "plain"  # MatMulNBits with the weights as quantcal exports them
+# how a projection's weights are laid out for its kernel: the layouts a format's
+# export_layout names (MATMUL, PLAIN, QDQ, from quantcal.formats), and those only timed
 FPA_INTB = "fpa_intb"  # MatMulNBits, onnxruntime's fpA_intB path switched on (packs at load)
 PREPACKED = "prepacked"  # MatMulNBits weight_prepacked=1: stored in the SM80 fpA_intB layout
 PREPACKED_SM90 = "prepacked-sm90"  # weight_prepacked=2: the Hopper layout
-QDQ = "qdq"  # w8a8: QuantizeLinear / DequantizeLinear around an fp MatMul
 LAYOUTS = (MATMUL, PLAIN, FPA_INTB, PREPACKED, PREPACKED_SM90, QDQ)
-
-# bandwidth families of the model
-NBITS_KERNEL = "matmulnbits"
-DENSE_KERNEL = "matmul"
-QDQ_NODES = 4  # Q and DQ of the activation, DQ of the weight, the MatMul
+# the model's bandwidth families (a format's kernel_family): NBITS_KERNEL, DENSE_KERNEL
 
 
 def kernel_name(bits: int, block: int, symmetric: bool) -> str:
@@ -91,16 +85,16 @@ def kernel_bytes(name: str, n: int, k: int) -> int:
 
 
 def export_layout(fmt: Format) -> str:
-    """The layout the export emits for ``fmt`` (the one a plan's latency is read for)."""
-    if isinstance(fmt, BlockQuant):
-        return PLAIN
-    return QDQ if isinstance(fmt, W8A8) else MATMUL
+    """The layout the export emits for ``fmt`` (the one a plan's latency is read for), as
+    the format declares it (``Format.export_layout``)."""
+    return fmt.export_layout
 
 
 def fusable(fmt: Format) -> bool:
-    """Whether projections sharing ``fmt`` and their input can be one node (MatMul and
-    MatMulNBits concatenate along N; a QDQ chain per weight does not)."""
-    return isinstance(fmt, (FP16, BlockQuant))
+    """Whether projections sharing ``fmt`` and their input can be one node, as the format
+    declares it (MatMul and MatMulNBits concatenate along N; a QDQ chain per weight does
+    not)."""
+    return fmt.fusable
 
 
 @dataclass(frozen=True)
@@ -211,11 +205,9 @@ class LatencyTable(Strict):
                 f"{'+'.join(map(str, parts))}x{k} at M={m}"
                 + ("" if self.model is None else " and its model covers M=1 only")
                 + "; run `quantcal bench kernels` with that shape")
-        if isinstance(fmt, W8A8):  # DQ reads int8 and writes fp16 weights, MatMul reads them
-            nbytes, nodes, family = 5 * sum(parts) * k, QDQ_NODES * len(parts), DENSE_KERNEL
-        else:
-            nbytes, nodes = sum(fmt.weight_bytes(n, k) for n in parts), 1
-            family = NBITS_KERNEL if isinstance(fmt, BlockQuant) else DENSE_KERNEL
+        # the format's decode traffic and nodes: several parts here are one fused node
+        nbytes = sum(fmt.decode_bytes(n, k) for n in parts)
+        nodes, family = fmt.nodes_per_projection, fmt.kernel_family
         return nodes * self.model.node_us + nbytes / (self.model.bandwidth_gb_s[family] * 1e3)
 
     def describe(self) -> str:

@@ -7,7 +7,10 @@ weight is stored transposed) and resolves devices and dtypes explicitly.
 
 :func:`load_model` reads a model folder or hub id without surprises: it never prompts, runs
 code from the folder (``auto_map``) only when told to trust it, loads safetensors only (never
-unpickles), and refuses weights holding NaN/Inf, each with one QuantcalError line.
+unpickles), and refuses weights holding NaN/Inf, each with one QuantcalError line. With
+``low_memory`` the decoder blocks stay in the memory-mapped checkpoint until a forward or
+:func:`block_weights` needs them (:mod:`quantcal.lazymodel`), so a model larger than memory
+loads.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from quantcal.config import LayerInfo
 from quantcal.datadir import hub_reachable
 from quantcal.errors import QuantcalError
 from quantcal.families import FAMILIES, SUPPORTED, Family, check_config, family_for
+from quantcal.lazymodel import block_weights, held_blocks, to_device_
 
-__all__ = ["FAMILIES", "SUPPORTED", "Family", "family_of", "hub_kwargs", "load_model",
-           "quantizable_layers"]
+__all__ = ["FAMILIES", "SUPPORTED", "Family", "block_index", "block_weights", "family_of",
+           "held_blocks", "hub_kwargs", "load_model", "quantizable_layers", "to_device_"]
 
 
 def family_of(model: nn.Module) -> Family:
@@ -56,6 +60,12 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 def blocks_of(model: nn.Module, family: Family) -> nn.ModuleList:
     return model.get_submodule(family.blocks)
+
+
+def block_index(model: nn.Module, name: str) -> int | None:
+    """The decoder block module ``name`` lies in; None outside the blocks."""
+    prefix = family_of(model).blocks + "."
+    return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, LayerInfo]:
@@ -111,7 +121,8 @@ def _looks_like_path(name: str) -> bool:
 
 def load_model(name: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", trust_remote_code: bool = False,
-               check_family: bool = True) -> tuple[nn.Module, object]:
+               check_family: bool = True, low_memory: bool = False
+               ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer from a local folder or the hub, in eval mode.
 
     With ``check_family`` (calibrate, export) the config must describe a model quantcal
@@ -122,6 +133,12 @@ def load_model(name: str, *, revision: str | None = None, dtype: torch.dtype = t
     with ``trust_remote_code``, weights load from safetensors only, and a weight or buffer
     holding NaN/Inf is refused by name.
 
+    Args:
+        low_memory: leave the decoder blocks in the memory-mapped checkpoint; each is read
+            (in ``dtype``, onto ``device``) for its own forward, or while
+            :func:`block_weights` / :func:`held_blocks` hold it, and dropped after
+            (:mod:`quantcal.lazymodel`). Needs a family quantcal knows and accelerate.
+
     Returns:
         ``(model, tokenizer)``; the model is on ``device`` in ``dtype``.
     """
@@ -131,12 +148,45 @@ def load_model(name: str, *, revision: str | None = None, dtype: torch.dtype = t
                        check_family)
     if Path(source).is_dir():
         _check_folder(Path(source), name, trust_remote_code)
+    if low_memory:
+        return _load_low_memory(source, name, revision, dtype, torch.device(device),
+                                trust_remote_code, hub)
     model, tokenizer = _from_pretrained(source, name, revision, dtype, trust_remote_code, hub)
     if check_family:
         check_config(model.config)  # a folder's own config class (auto_map) decides now
     model = model.to(device).eval()
     check_finite_weights(model, name)
     return model, tokenizer
+
+
+def _load_low_memory(source: str, name: str, revision: str | None, dtype: torch.dtype,
+                     device: torch.device, trust_remote_code: bool, hub: dict
+                     ) -> tuple[nn.Module, object]:
+    from safetensors import SafetensorError
+    from transformers import AutoConfig
+
+    from quantcal.lazymodel import load_lazy
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise QuantcalError("loading a model block by block needs accelerate: "
+                            "pip install accelerate") from None
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision,
+                                            trust_remote_code=trust_remote_code, **hub)
+        check_config(config)
+        model = load_lazy(source, config, family_for(config.model_type).blocks,
+                          revision=revision, dtype=dtype, device=device,
+                          trust_remote_code=trust_remote_code, hub=hub,
+                          check=lambda module, prefix: check_finite_weights(module, name,
+                                                                            prefix))
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc, hub) from None
+    except SafetensorError as exc:
+        raise QuantcalError(f"model {name!r} has a damaged weight file ({exc}); re-download or "
+                            "re-export it") from None
+    return model, _tokenizer(source, name, revision, trust_remote_code, hub)
 
 
 def _model_source(name: str) -> str:
@@ -253,15 +303,25 @@ def _check_folder(folder: Path, name: str, trust_remote_code: bool) -> None:
                         "save the model into it with save_pretrained(dir)")
 
 
+def _tokenizer(source: str, name: str, revision: str | None, trust_remote_code: bool,
+               hub: dict):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=revision,
+                                             trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc, hub) from None
+
+
 def _from_pretrained(source: str, name: str, revision: str | None, dtype: torch.dtype,
                      trust_remote_code: bool, hub: dict) -> tuple[nn.Module, object]:
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     # trust_remote_code is always explicit: left None, transformers may ask on stdin
+    tokenizer = _tokenizer(source, name, revision, trust_remote_code, hub)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision,
-                                                  trust_remote_code=trust_remote_code, **hub)
         model = AutoModelForCausalLM.from_pretrained(
             source, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=True, **hub)
@@ -292,11 +352,14 @@ def _load_error(name: str, exc: Exception, hub: dict) -> QuantcalError:
         "your network or HF_HUB_OFFLINE")
 
 
-def check_finite_weights(model: nn.Module, name: str) -> None:
+def check_finite_weights(model: nn.Module, name: str, prefix: str = "") -> None:
     """Refuse a model with a NaN/Inf in any floating parameter or buffer, naming the first
-    few. One ``isfinite().all()`` per tensor, read back with a single synchronisation."""
-    tensors = [(n, t) for n, t in chain(model.named_parameters(), model.named_buffers())
-               if t.is_floating_point()]
+    few (``prefix`` + their name in ``model``, a module of the model). One
+    ``isfinite().all()`` per tensor, read back with a single synchronisation; tensors left
+    in the checkpoint (meta) are checked when read."""
+    tensors = [(prefix + n, t) for n, t in chain(model.named_parameters(),
+                                                 model.named_buffers())
+               if t.is_floating_point() and not t.is_meta]
     if not tensors:
         return
     finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu()  # (P,)

@@ -22,7 +22,7 @@ with no per-step allocation or copy of the cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -33,6 +33,7 @@ from quantcal.errors import QuantcalError
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 _ID_INPUTS = ("input_ids", "attention_mask", "position_ids")
+LOGITS_FROM = "logits_from"  # optional input of newer exports (quantcal.export.layers)
 # model metadata: every cache input/output pair may be bound to one buffer (GroupQueryAttention)
 SHARED_CACHE_KEY = "quantcal.shared_kv_cache"
 
@@ -135,7 +136,10 @@ class DecoderRunner:
         self.spec = read_spec(session)
         options = session.get_provider_options().get("CUDAExecutionProvider", {})
         self.device_id = int(options.get("device_id", 0)) if provider == "cuda" else 0
-        self._wants_total = any(i.name == "total_sequence_length" for i in session.get_inputs())
+        inputs = {i.name for i in session.get_inputs()}
+        self._wants_total = "total_sequence_length" in inputs
+        self._takes_logits_from = LOGITS_FROM in inputs
+        self._logits_from = np.zeros(1, dtype=np.int64)
         metadata = session.get_modelmeta().custom_metadata_map
         self.shares_cache = metadata.get(SHARED_CACHE_KEY) == "1"
         self._cache: list[ort.OrtValue] = []  # past of the next step, in spec.past_names order
@@ -169,8 +173,8 @@ class DecoderRunner:
         self._binding.clear_binding_outputs()
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                *, host_logits: bool = True, cache_length: int | None = None
-                ) -> np.ndarray | ort.OrtValue:
+                *, host_logits: bool = True, cache_length: int | None = None,
+                last_logits: bool = False) -> np.ndarray | ort.OrtValue:
         """Start new sequences: run ``input_ids`` (B, S) with an empty cache.
 
         ``attention_mask`` (B, S) defaults to all ones; rows may be right-padded, never
@@ -178,6 +182,8 @@ class DecoderRunner:
         left on the device as an OrtValue with ``host_logits=False``. ``cache_length``:
         allocate the cache once for this many positions (prompt plus every token to come),
         updated in place by each step; without it each step returns a cache one longer.
+        ``last_logits``: logits (B, 1, V) of the last position only (an export with a
+        ``logits_from`` input computes no others; rows without padding).
         """
         ids = _as_ids(input_ids, "input_ids")
         mask = np.ones_like(ids) if attention_mask is None else _as_ids(attention_mask,
@@ -191,13 +197,24 @@ class DecoderRunner:
         if cache_length is not None and not self.shares_cache:
             raise ValueError("this model's cache cannot be updated in place (re-export it "
                              "with this version of quantcal); prefill without cache_length")
+        if cache_length is not None and not mask.all():
+            raise ValueError("a cache updated in place holds rows without padding only (a "
+                             "padded row's steps would be written after its pad); prefill "
+                             "padded rows without cache_length")
         if cache_length is not None and cache_length < ids.shape[1]:
             raise ValueError(f"cache_length {cache_length} is shorter than the prompt "
                              f"({ids.shape[1]} tokens)")
+        if last_logits and not mask.all():
+            raise ValueError("last_logits needs rows without padding (the last position of "
+                             "a padded row is not its last token)")
         self.reset()
         self._capacity = cache_length
         self._cache = self._new_cache(ids.shape[0], cache_length or 0)
-        return self._step(ids, mask, host_logits)
+        self._logits_from = np.array([-1 if last_logits else 0], dtype=np.int64)
+        logits = self._step(ids, mask, host_logits)
+        if last_logits and not self._takes_logits_from:  # an older export: every position
+            return logits[:, -1:] if isinstance(logits, np.ndarray) else logits
+        return logits
 
     def decode_step(self, next_ids: np.ndarray, *, host_logits: bool = True
                     ) -> np.ndarray | ort.OrtValue:
@@ -255,19 +272,33 @@ class DecoderRunner:
         tokens: list[int] = []
         if max_new_tokens <= 0:
             return tokens
-        logits = self.prefill(prompt, host_logits=False, cache_length=(
+        logits = self.prefill(prompt, host_logits=False, last_logits=True, cache_length=(
             prompt.shape[1] + max_new_tokens if self.shares_cache else None))
+        if pick is None:
+            for next_ids in self.greedy(logits, max_new_tokens):
+                tokens.append(int(next_ids[0, 0]))
+                if tokens[-1] in eos or (stop is not None and stop(tokens)):
+                    break
+            return tokens
         while True:
-            if pick is None:
-                next_ids = self.next_tokens(logits)
-            else:
-                host = logits if isinstance(logits, np.ndarray) else logits.numpy()
-                next_ids = np.array([[pick(host[0, -1])]], dtype=np.int64)
+            host = logits if isinstance(logits, np.ndarray) else logits.numpy()
+            next_ids = np.array([[pick(host[0, -1])]], dtype=np.int64)
             tokens.append(int(next_ids[0, 0]))
             if (tokens[-1] in eos or len(tokens) >= max_new_tokens
                     or (stop is not None and stop(tokens))):
                 return tokens
             logits = self.decode_step(next_ids, host_logits=False)
+
+    def greedy(self, logits: np.ndarray | ort.OrtValue, count: int) -> Iterator[np.ndarray]:
+        """Greedy continuation of the current sequences: yields ``count`` arrays of next ids
+        (B, 1), the first picked from ``logits`` (the prefill's), each later one after a
+        decode step of the one before (``count - 1`` steps in all; stopping early leaves the
+        cache holding the tokens yielded but the last)."""
+        next_ids = self.next_tokens(logits)
+        for i in range(count):
+            yield next_ids
+            if i + 1 < count:
+                next_ids = self.next_tokens(self.decode_step(next_ids, host_logits=False))
 
     def _argmax_session(self) -> ort.InferenceSession | None:
         """The greedy argmax on the decoder's provider; None (argmax on the host) if the
@@ -319,6 +350,8 @@ class DecoderRunner:
         if self._wants_total:
             binding.bind_cpu_input("total_sequence_length",
                                    np.array(mask.shape[1], dtype=np.int32))
+        if first and self._takes_logits_from:
+            binding.bind_cpu_input(LOGITS_FROM, self._logits_from)
         if first:
             binding.bind_output("logits", self.provider, self.device_id)  # output 0
             for name, value in zip(self.spec.past_names, self._cache):

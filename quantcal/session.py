@@ -24,6 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from quantcal.errors import QuantcalError
+from quantcal.greedy import EXTERNAL_FOLDER
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
@@ -37,14 +38,20 @@ log = logging.getLogger(__name__)
 _noticed: set[str] = set()  # reasons already given: one notice per process
 
 
-def _options(strict_cuda: bool) -> ort.SessionOptions:
+def _options(strict_cuda: bool, external_folder: Path | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if external_folder is not None:  # a model given as bytes reads its weights from here
+        options.add_session_config_entry(EXTERNAL_FOLDER, str(external_folder))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if strict_cuda:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         # the failure is reported by us in one line; onnxruntime's own session log of the
         # same error would only repeat it
         options.log_severity_level = 4
+    elif not log.isEnabledFor(logging.DEBUG):
+        # errors only (onnxruntime's own log is -v's): its load-time warnings about our own
+        # graphs (the optional logits_from input, which has a default) say nothing to do
+        options.log_severity_level = 3
     return options
 
 
@@ -89,15 +96,17 @@ def _quiet_onnxruntime():
         ort.set_default_logger_severity(_ORT_WARNING)
 
 
-def _strict_cuda(model: str | bytes, device_id: int, cuda_graph: bool = False
+def _strict_cuda(model: str | bytes, device_id: int, cuda_graph: bool = False,
+                 external_folder: Path | None = None
                  ) -> tuple[ort.InferenceSession | None, str]:
-    """A session of ``model`` (a path or serialized bytes) that runs every node on CUDA, or
-    None and why it could not be made."""
+    """A session of ``model`` (a path or serialized bytes, whose external data then lies in
+    ``external_folder``) that runs every node on CUDA, or None and why it could not be
+    made."""
     if CUDA_EP not in ort.get_available_providers():
         return None, "this onnxruntime build has no CUDA provider"
     try:
         with _quiet_onnxruntime():
-            session = ort.InferenceSession(model, _options(strict_cuda=True),
+            session = ort.InferenceSession(model, _options(True, external_folder),
                                            providers=[(CUDA_EP, {
                                                "device_id": str(device_id),
                                                "enable_cuda_graph": str(int(cuda_graph))})])
@@ -124,15 +133,24 @@ def cuda_unusable(device_id: int = 0) -> str:
     return reason
 
 
-def cuda_session(path: Path, device_id: int, cuda_graph: bool = False
-                 ) -> tuple[ort.InferenceSession | None, str]:
+def cuda_session(path: Path, device_id: int, cuda_graph: bool = False,
+                 model: bytes | None = None) -> tuple[ort.InferenceSession | None, str]:
     """The strict CUDA session, or None and why it could not be made. ``cuda_graph``: let
     the provider capture and replay runs as CUDA graphs (runs then need fixed shapes and
-    buffers, or a ``gpu_graph_id`` of -1; see :mod:`quantcal.graphrunner`)."""
+    buffers, or a ``gpu_graph_id`` of -1; see :mod:`quantcal.graphrunner`). ``model``: the
+    graph to run instead of the file's (e.g. :func:`quantcal.greedy.greedy_model` of it),
+    its weights read from the file's folder."""
     reason = cuda_unusable(device_id)
     if reason:
         return None, reason
-    return _strict_cuda(str(path), device_id, cuda_graph)
+    if model is None:
+        return _strict_cuda(str(path), device_id, cuda_graph)
+    return _strict_cuda(model, device_id, cuda_graph, Path(path).parent)
+
+
+def cpu_session_of(model: bytes, folder: Path) -> ort.InferenceSession:
+    """A CPU session of a serialized graph whose external data lies in ``folder``."""
+    return ort.InferenceSession(model, _options(False, folder), providers=[CPU_EP])
 
 
 def _check_provider(provider: str) -> None:

@@ -37,7 +37,7 @@ def _plan(run: RunDir, tmp_path, *args: str):
 def test_plan_json_has_the_predicted_speed(run):
     plan = run.read_plan()
     assert plan.predicted_tok_s == pytest.approx(1e6 / plan.speed.step_us)
-    assert plan.speed.blocks == 2 and plan.speed.groups == 4  # q/k/v and gate/up per block
+    assert plan.speed.blocks == 2 and plan.speed.groups == 2  # q/k/v per block
     assert plan.speed.table.startswith(default_table().describe())
     layers = [p.latency_us for n, p in plan.layers.items() if n != "model.embed_tokens"]
     assert sum(layers) == pytest.approx(plan.speed.layers_us, abs=1e-3)  # 4 decimals each
@@ -64,10 +64,10 @@ def test_prefer_fusable_fuses_more_within_tol(run, tmp_path):
     assert same.kl_predicted == pytest.approx(base.kl_predicted, rel=1e-9, abs=1e-12)
     assert same.speed.fused_groups >= base.speed.fused_groups
     loose, out = _plan(run, tmp_path, "--prefer-fusable", "1")
-    assert loose.speed.fused_groups == loose.speed.groups == 4  # all int4 fits 8 bits
+    assert loose.speed.fused_groups == loose.speed.groups == 2  # all int4 fits 8 bits
     assert loose.kl_predicted <= base.kl_predicted + 1 + 1e-9
     assert loose.speed.prefer_fusable == 1.0
-    assert f"{loose.speed.fused_groups} of 4 q/k/v and gate/up groups fused" in out
+    assert f"{loose.speed.fused_groups} of 2 q/k/v groups fused" in out
 
 
 def test_latency_table_option(run, tmp_path):

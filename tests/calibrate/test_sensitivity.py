@@ -63,6 +63,32 @@ def test_blockwise_equals_naive(family):
     assert mean["int4-g32"] > mean["int8"]
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_blockwise_equals_naive_with_sliding_layers_and_soft_capping(family):
+    """Windows of 40 tokens against a sliding window of 16: each block needs its own mask
+    (and Gemma 3 its own rotary tables), and Gemma 2's logits are soft-capped; weights
+    scaled up so that the KLs stand well above float noise."""
+    model = build_tiny_model(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    g = torch.Generator().manual_seed(4)
+    calib, held = torch.randint(0, 512, (2, 40), generator=g), torch.randint(0, 512, (2, 40),
+                                                                          generator=g)
+    layers = {n: i for n, i in quantizable_layers(model).items() if i.kind != "embedding"}
+    modules = {n: model.get_submodule(n) for n in layers}
+    stats = collect_full(model, calib, modules, batch_size=2, device=CPU, progress=False)
+    qparams = compute_qparams({n: weight_matrix(m).detach() for n, m in modules.items()},
+                              stats, (Int4(32),), observer="minmax", progress=False)
+    scores = exact_sensitivity(model, held, layers, (Int4(32),), qparams, batch_size=2,
+                               device=CPU, progress=False)
+    for name in [n for n in layers if ".layers.1." in n] + ["lm_head"]:
+        naive = _naive(model, held, name, Int4(32), qparams)
+        assert naive > 1e-5, name
+        assert scores[name]["int4-g32"] == pytest.approx(naive, rel=1e-3), name
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_fisher_proxy_ranks_like_exact(family):
     model, held, layers, stats, weights, qparams = _setup(family)

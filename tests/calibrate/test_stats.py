@@ -105,7 +105,7 @@ def test_sequential_equals_full(family):
                         device=torch.device("cpu"), hessian=True, progress=False)
     seq_model = build_tiny_model(family)
     seq = collect_sequential(seq_model, windows, _modules(seq_model), batch_size=2,
-                             device=torch.device("cpu"), hessian=True, progress=False)
+                             device=torch.device("cpu"), progress=False)
     assert full.keys() == seq.keys()
     a, b = stats_to_tensors(full), stats_to_tensors(seq)
     for key in a:
@@ -162,3 +162,35 @@ def test_cuda_graph_replay_equals_eager(family):
         else:
             torch.testing.assert_close(b[key].double(), a[key].double(), rtol=1e-3, atol=1e-4,
                                        msg=key)
+
+
+def test_no_hessian_reaches_the_stats_file_and_aliases_share_one():
+    """An X^T X collected for one-layer use is shared by q/k/v (one tensor, not clones) and
+    is never part of the stats.safetensors layout, nor read back from an older file's."""
+    model = build_tiny_model("llama")
+    windows = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    stats = collect_full(model, windows, _modules(model), batch_size=2,
+                         device=torch.device("cpu"), hessian=True, progress=False)
+    q, k, v = (stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
+    assert q.xtx is not None and k.xtx is q.xtx and v.xtx is q.xtx
+    tensors = stats_to_tensors(stats)
+    assert not [key for key in tensors if key.endswith("/xtx")]
+    tensors["model.layers.0.self_attn.q_proj/xtx"] = q.xtx  # as an older quantcal wrote
+    assert stats_from_tensors(tensors)["model.layers.0.self_attn.q_proj"].xtx is None
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sequential_equals_full_with_sliding_and_global_layers(family):
+    """Gemma 2/3 pass sliding and global layers their own masks (and Gemma 3 its own rotary
+    tables): windows longer than the sliding window (16) make them differ, and each block
+    must get its own from the activation cache, not the first block's."""
+    windows = torch.randint(0, 512, (4, 40), generator=torch.Generator().manual_seed(3))
+    full_model, seq_model = build_tiny_model(family), build_tiny_model(family)
+    full = collect_full(full_model, windows, _modules(full_model), batch_size=2,
+                        device=torch.device("cpu"), progress=False)
+    seq = collect_sequential(seq_model, windows, _modules(seq_model), batch_size=2,
+                             device=torch.device("cpu"), progress=False)
+    a, b = stats_to_tensors(full), stats_to_tensors(seq)
+    for key in a:
+        torch.testing.assert_close(b[key].double(), a[key].double(), rtol=1e-5, atol=1e-5,
+                                   msg=key)

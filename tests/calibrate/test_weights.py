@@ -1,5 +1,6 @@
 """Weight quantizers: calibrated qparams beat round-to-nearest on real text; GPTQ beats
-clipping on the data it saw; qparams exist for every format."""
+clipping on the data it saw; qparams exist for every format. (GPTQ against a reference and
+the block-by-block driver: test_gptq*.py.)"""
 
 from __future__ import annotations
 
@@ -79,8 +80,9 @@ def test_gptq_beats_clipping_on_calibration_data(calibrated):
     name = "model.layers.0.mlp.down_proj"
     w = weight_matrix(modules[name]).detach()
     s, z = weights.aware_clip(w, stats[name].mean_sq, 4, 32, False)
-    codes = weights.gptq(w, stats[name].xtx, s, z, 4, 32)
-    w_gptq = qmath.dequantize_weight(codes, s, z, 32)
+    factor = weights.gptq_factor(stats[name].xtx / stats[name].tokens)
+    gs, gz, codes = weights.gptq(w, factor, 4, 32, False)
+    w_gptq = qmath.dequantize_weight(codes, gs, gz, 32)
     w_clip = qmath.fake_quant_weight(w, s, z, fmt.bits, 32)
 
     def hessian_error(w_hat):  # tr(dW H dW^T): the output error on the calibration tokens

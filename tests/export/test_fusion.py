@@ -22,6 +22,7 @@ from quantcal.calibrate import weights
 from quantcal.export import emit
 from quantcal.export.builder import save_model
 from quantcal.export.emit import graph_op_counts, planned_op_counts
+from quantcal.export.fusion import ALL_KINDS
 from quantcal.export.graphs import build_decoder
 from quantcal.export.layer_parity import LAYER_KEY, layer_errors
 from quantcal.export.parity import check_parity, failure_detail
@@ -105,10 +106,12 @@ IDS = np.random.default_rng(0).integers(1, 512, (2, 12))
 def test_fused_export_equals_unfused_bit_for_bit(family, plan, tmp_path):
     model = _model(family)
     formats, qparams = _plan(model, plan)
-    fused = build_decoder(model, formats, qparams, np.float32)
+    fused = build_decoder(model, formats, qparams, np.float32, fuse=ALL_KINDS)
     separate = build_decoder(model, formats, qparams, np.float32, fuse=False)
     expected = _expected_groups(formats)
     assert fused.fused == expected and separate.fused == {}
+    default = build_decoder(model, formats, qparams, np.float32).fused  # q/k/v only
+    assert default == {k: v for k, v in expected.items() if k.endswith("qkv_proj")}
     if family in SEPARATE:  # q/k/v and gate/up of every block, or of block 0 (mixed)
         assert len(expected) == (2 if plan == "mixed" else 2 * model.config.num_hidden_layers)
     else:  # the checkpoint fuses them already (Phi-3's qkv_proj, GPT-2's c_attn)
@@ -159,7 +162,9 @@ def test_packed_qkv_goes_to_group_query_attention(family):
         elif qkv is not None:
             assert source(split.input[0]) is qkv
         up = "/model/layers.0/mlp/gate_up_proj/MatMulNBits"
-        assert (up in nodes) == (fuse or family == "phi3")
+        assert (up in nodes) == (family == "phi3")  # gate/up fuse only when asked
+    graph = build_decoder(model, formats, qparams, np.float32, fuse=ALL_KINDS).model().graph
+    assert "/model/layers.0/mlp/gate_up_proj/MatMulNBits" in {n.name for n in graph.node}
 
 
 def _wide(family: str = "llama"):
@@ -176,7 +181,7 @@ def _wide(family: str = "llama"):
 def test_each_layer_of_a_fused_node_matches_its_module(fmt):
     model = _wide()
     formats, qparams = _plan(model, fmt)
-    groups = build_decoder(model, formats, qparams, np.float32).fused
+    groups = build_decoder(model, formats, qparams, np.float32, fuse=ALL_KINDS).fused
     assert len(groups) == 4
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     errors = layer_errors(model, formats, qparams, ids, dtype=np.float32, provider="cpu",
@@ -207,7 +212,7 @@ def test_a_wrong_member_of_a_fused_node_is_named(wrong, tmp_path, monkeypatch):
     model = _wide()
     formats, qparams = _plan(model, "int8")
     monkeypatch.setattr(emit, "pack_block", _wrong_codes(emit.pack_block, wrong))
-    builder = build_decoder(model, formats, qparams, np.float32)
+    builder = build_decoder(model, formats, qparams, np.float32, fuse=ALL_KINDS)
     assert any(wrong in members for members in builder.fused.values())
     save_model(builder.model(), tmp_path / "m.onnx")
     p = check_parity(tmp_path / "m.onnx", model, formats, qparams, provider="cpu",
@@ -240,9 +245,9 @@ def _invoke(*args) -> str:
 
 
 def test_export_fuses_by_default_and_no_fuse_does_not(tiny_llama_dir, tmp_path, c4_file):
-    """`quantcal export` (fused) and `--no-fuse` on one plan where block 0 fuses both groups
-    and block 1 only gate/up: both pass their checks, record what they fused, hold the
-    nodes the plan implies, give the same logits and the same per-layer errors."""
+    """`quantcal export` (q/k/v fused), `--fuse-mlp` and `--no-fuse` on one plan where block
+    0 fuses both groups and block 1 only gate/up: all pass their checks, record what they
+    fused, hold the nodes the plan implies, give the same logits and per-layer errors."""
     import json
 
     import onnx
@@ -265,7 +270,7 @@ def test_export_fuses_by_default_and_no_fuse_does_not(tiny_llama_dir, tmp_path, 
     formats = resolved_formats(RunDir(run).read_plan(plan), record, ["int4-g32", "int8"])
     embeddings = {n for n, i in record.layers.items() if i.kind == "embedding"}
     records, logits = {}, {}
-    for name, flags in (("fused", ()), ("separate", ("--no-fuse",))):
+    for name, flags in (("fused", ("--fuse-mlp",)), ("qkv", ()), ("separate", ("--no-fuse",))):
         path = tmp_path / name / f"{name}.onnx"
         _invoke("export", "--provider", "cpu", "--run", run, "--plan", plan, "-o", path, *flags)
         records[name] = rec = json.loads(record_path(path).read_text())
@@ -280,10 +285,13 @@ def test_export_fuses_by_default_and_no_fuse_does_not(tiny_llama_dir, tmp_path, 
         attn.format(0) + "qkv_proj": [attn.format(0) + p for p in ("q_proj", "k_proj", "v_proj")],
         **{mlp.format(i) + "gate_up_proj": [mlp.format(i) + "gate_proj", mlp.format(i) + "up_proj"]
            for i in (0, 1)}}
+    assert records["qkv"]["fused"] == {
+        k: v for k, v in records["fused"]["fused"].items() if k.endswith("qkv_proj")}
     assert records["separate"]["fused"] == {}
     assert sum(records["separate"]["ops"].values()) - sum(records["fused"]["ops"].values()) == 4
-    for a, b in zip(logits["fused"], logits["separate"]):
-        assert np.array_equal(a, b)
+    assert sum(records["separate"]["ops"].values()) - sum(records["qkv"]["ops"].values()) == 2
+    for a, b, c in zip(logits["fused"], logits["separate"], logits["qkv"]):
+        assert np.array_equal(a, b) and np.array_equal(c, b)
     layer = {n: {k: v for k, v in r["parity"].items() if k.startswith(LAYER_KEY)}
              for n, r in records.items()}
     assert len(layer["fused"]) == len(formats) and layer["fused"] == layer["separate"]
@@ -305,7 +313,8 @@ def test_fused_fp16_export_matches_unfused_on_cuda(family, plan, tmp_path):
     formats, qparams = _plan(model, plan)
     cuda = "CUDAExecutionProvider"
     got = _session(tmp_path / "fused.onnx",
-                   build_decoder(model, formats, qparams, np.float16).model(), cuda).decode(IDS, 3)
+                   build_decoder(model, formats, qparams, np.float16, fuse=ALL_KINDS).model(),
+                   cuda).decode(IDS, 3)
     ref = _session(tmp_path / "separate.onnx",
                    build_decoder(model, formats, qparams, np.float16, fuse=False).model(),
                    cuda).decode(IDS, 3)

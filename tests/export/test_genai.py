@@ -183,14 +183,14 @@ def test_export_elsewhere_is_a_genai_model_beside_its_file(exported, tmp_path):
 
 def test_genai_runs_fused_projections(exported, tmp_path):
     """One format everywhere: every block's q/k/v is one node feeding GroupQueryAttention
-    packed, and gate/up one node (export/fusion.py); genai's greedy decoding of that export
-    still gives quantcal's tokens, and the export's logits are those of `--no-fuse`."""
+    packed, and (--fuse-mlp) gate/up one node (export/fusion.py); genai's greedy decoding of
+    that export still gives quantcal's tokens, and the export's logits are `--no-fuse`'s."""
     model_dir, run = exported
     plan, out = tmp_path / "plan.json", tmp_path / "fused" / "fused.onnx"
     _invoke("plan", "--run", str(run.path), "--no-measure", "--target-bits", "16",
             "--force", "*=int8", "-o", str(plan))
     _invoke("export", "--provider", "cpu", "--run", str(run.path), "--plan", str(plan),
-            "-o", str(out))
+            "-o", str(out), "--fuse-mlp")
     fused = json.loads(record_path(out).read_text())["fused"]
     gpt2 = json.loads((model_dir / "config.json").read_text())["model_type"] == "gpt2"
     assert len(fused) == (0 if gpt2 else 4)  # checkpoint-fused c_attn; else 2 per block

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from quantcal.graphrunner import GraphRunner, decoding_runner
+from quantcal.greedy import greedy_model
 from quantcal.runner import DecoderRunner
-from quantcal.session import make_session
+from quantcal.session import cpu_session_of, make_session
 
 from tinymodels import export_unquantized
 
@@ -61,6 +62,45 @@ def test_buffers_are_kept_for_a_bounded_number_of_shapes(decoder, monkeypatch):
     assert list(fixed._slots) == [(1, 8), (1, 6)]
 
 
+def _device_greedy(path) -> GraphRunner:
+    runner = GraphRunner(cpu_session_of(greedy_model(path), path.parent), "cpu",
+                         cuda_graph=False)
+    assert runner.device_greedy
+    return runner
+
+
+def test_device_greedy_steps_give_the_plain_runners_tokens(decoder):
+    """The greedy model's own next ids, positions and mask, fed crosswise from step to step,
+    pick what the plain runner picks from its logits on the host (batch of 2, twice over the
+    same buffers, then a general decode step after it)."""
+    path, vocab = decoder
+    fixed, plain = _device_greedy(path), DecoderRunner(*make_session(path, "cpu"))
+    prompt = np.random.default_rng(7).integers(0, vocab, size=(2, 4))
+    for _ in range(2):
+        got = list(fixed.greedy(fixed.prefill(prompt, cache_length=12), 7))
+        ref, logits = [], plain.prefill(prompt)
+        for _ in range(7):
+            ref.append(logits[:, -1].argmax(-1).reshape(-1, 1))
+            logits = plain.decode_step(ref[-1])
+        np.testing.assert_array_equal(np.hstack(got), np.hstack(ref))
+    assert fixed.past_length == 4 + 6
+    np.testing.assert_allclose(fixed.decode_step(got[-1])[:, 0], logits[:, 0], atol=1e-5)
+    with pytest.raises(RuntimeError, match="cache is full"):
+        list(fixed.greedy(fixed.prefill(prompt, cache_length=6), 4))
+
+
+def test_device_greedy_generation_equals_plain_generation(decoder):
+    path, _ = decoder
+    fixed, plain = _device_greedy(path), DecoderRunner(*make_session(path, "cpu"))
+    for prompt, new in (([3, 1, 4, 1, 5], 9), ([2, 7], 1), ([2, 7, 1], 12)):
+        assert fixed.generate(prompt, new) == plain.generate(prompt, new)
+    stop = fixed.generate([3, 1, 4], 9, stop=lambda t: len(t) == 3)
+    assert stop == plain.generate([3, 1, 4], 9)[:3]
+    padded, mask = np.array([[5, 6, 7], [8, 9, 0]]), np.array([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="without padding"):
+        fixed.prefill(padded, mask, cache_length=8)
+
+
 def test_decoding_runner_on_cpu_is_the_plain_runner(decoder):
     runner = decoding_runner(decoder[0], "cpu")
     assert type(runner) is DecoderRunner and runner.provider == "cpu"
@@ -85,3 +125,8 @@ def test_cuda_graph_decoding_matches_plain_decoding_on_cuda(tiny_model_dir, tmp_
         np.testing.assert_allclose(np.stack(got, dtype=np.float32),
                                    np.stack(ref, dtype=np.float32), atol=2e-3)
     assert graph.generate([3, 1, 4, 1, 5], 16) == plain.generate([3, 1, 4, 1, 5], 16)
+    assert graph.device_greedy  # the steps of generate() replayed the greedy model
+    for _ in range(2):  # batch 2 on the crosswise buffers, captured then replayed
+        got = np.hstack(list(graph.greedy(graph.prefill(ids[:, :4], cache_length=20), 9)))
+        ref = np.hstack(list(plain.greedy(plain.prefill(ids[:, :4]), 9)))
+        np.testing.assert_array_equal(got, ref)
