@@ -11,12 +11,23 @@ Each finished step (statistics, qparams, sensitivity) is a checkpoint there, so 
 interrupted or failed run leaves the previous run's files untouched, and re-running the same
 command on the same model resumes from the last finished step. ``run.json`` records the
 digests of the model's files and of the statistics and qparams it describes.
+
+Memory: with ``--sequential`` the model is loaded with its decoder blocks left in the
+memory-mapped checkpoint (``load_model(low_memory=True)``, :mod:`quantcal.lazymodel`; the
+whole model where accelerate is missing), and every step up to the qparams holds one block
+at a time, in host RAM and on the device: AWQ's search (its folds made again whenever a
+block is read), the statistics pass, GPTQ, and the qparams (one layer's weight at a time,
+read through its block). Sensitivity and the plan's measurements run whole-model forwards:
+they are the one step that holds the whole model, on the device (:func:`materialize_`);
+with ``--sensitivity none`` it is never held whole.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import json
+import logging
 import platform
 import shutil
 import time
@@ -36,14 +47,17 @@ from quantcal.calibrate.gptq import gptq_formats, gptq_qparams
 from quantcal.calibrate.planner import Rules
 from quantcal.calibrate.plans import check_budget, make_plan
 from quantcal.calibrate.data import read_calibration
-from quantcal.calibrate.qparams import QPARAMS_KIND, compute_embedding_qparams, compute_qparams
+from quantcal.calibrate.qparams import (
+    QPARAMS_KIND, compute_embedding_qparams, compute_qparams, layer_weights,
+)
 from quantcal.calibrate.stats import STAT_KIND, stats_from_tensors, stats_to_tensors
 from quantcal.calibrate.uniform import rivals
 from quantcal.config import Budget, CalibrateConfig, RunRecord, SensitivityRecord
 from quantcal.errors import QuantcalError, StageInterrupted
 from quantcal.formats import BlockQuant
+from quantcal.lazymodel import materialize_
 from quantcal.models import (
-    load_model, max_positions, quantizable_layers, resolve_device, resolve_dtype, weight_matrix,
+    load_model, max_positions, quantizable_layers, resolve_device, resolve_dtype,
 )
 from quantcal.provenance import model_digests, sha256_file
 from quantcal.resources import peak_figures, start_stage
@@ -53,6 +67,7 @@ from quantcal.rundir import (
 )
 from quantcal.txn import Stage
 
+log = logging.getLogger(__name__)
 DOWNSTREAM = (SENSITIVITY, SENSITIVITY_PNG, PLAN, MODEL, MODEL + ".data", EXPORT_JSON,
               EVAL_JSON, REPORT, "accuracy_vs_size.png")
 CHECKPOINT = "checkpoint.json"
@@ -139,9 +154,7 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model, tokenizer = load_model(config.model, revision=config.revision, dtype=dtype,
-                                  trust_remote_code=config.trust_remote_code,
-                                  device="cpu" if config.sequential else device)
+    model, tokenizer = _load(config, dtype, device)
     limit = max_positions(model)
     if limit is not None and config.seq_len > limit:
         raise QuantcalError(f"--seq-len {config.seq_len} is longer than the model allows "
@@ -178,6 +191,19 @@ def calibrate(config: CalibrateConfig, run: RunDir, *, overwrite: bool = False,
                 p.name not in (".lock",) for p in run.path.iterdir()):
             shutil.rmtree(run.path, ignore_errors=True)
     return record
+
+
+def _load(config: CalibrateConfig, dtype: torch.dtype, device: torch.device):
+    """The model and tokenizer: with ``--sequential`` on the CPU, its decoder blocks left in
+    the memory-mapped checkpoint and read one at a time by each step when accelerate is
+    installed (else loaded whole, on the CPU); without it, whole on ``device``."""
+    low_memory = config.sequential and importlib.util.find_spec("accelerate") is not None
+    if config.sequential and not low_memory:
+        log.warning("quantcal: accelerate is not installed, so --sequential loads the whole "
+                    "model into host memory; pip install accelerate to load it block by block")
+    return load_model(config.model, revision=config.revision, dtype=dtype,
+                      trust_remote_code=config.trust_remote_code,
+                      device="cpu" if config.sequential else device, low_memory=low_memory)
 
 
 def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, held_out,
@@ -221,7 +247,7 @@ def _steps(ckpt: Checkpoint, run: RunDir, model, record: RunRecord, windows, hel
                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if config.sensitivity != "none":
         t = time.perf_counter()
-        model.to(device)
+        materialize_(model, device)  # the one step that holds the whole model (on device)
         score_on, measure_on = split_held_out(held_out, config.sensitivity_samples)
         if ckpt.done("sensitivity"):
             sens = read_record(folder / SENSITIVITY, SensitivityRecord)
@@ -255,10 +281,10 @@ def _qparams(model, modules, layers, stats, windows, config: CalibrateConfig, de
                                     method=config.weight_method, act_order=config.act_order,
                                     progress=progress))
         formats = tuple(f for f in formats if not isinstance(f, BlockQuant))
-    weights = {n: weight_matrix(m).detach() for n, m in modules.items()}  # not copied
-    qparams.update(compute_qparams(weights, stats, formats, observer=config.observer,
-                                   method=config.weight_method, progress=progress,
-                                   device=device))
+    with layer_weights(model, modules) as weights:  # one at a time, through held blocks
+        qparams.update(compute_qparams(weights, stats, formats, observer=config.observer,
+                                       method=config.weight_method, progress=progress,
+                                       device=device))
     tables = {n: model.get_submodule(n).weight.detach()
               for n, i in layers.items() if i.kind == "embedding"}
     qparams.update(compute_embedding_qparams(tables, config.formats,

@@ -26,6 +26,8 @@ competes too, so the search never does worse than plain RTN on its own objective
 Persisted in ``qparams.safetensors`` as ``{layer}/awq/scale`` ((K,) float32) for every linear
 whose input columns were multiplied (q, k, v hold one copy each). :func:`apply_awq_` folds
 them into a freshly loaded model in calibrate's order, so export sees calibrate's weights.
+On a lazily loaded model (``--sequential``) each block is searched and folded while held, and
+:func:`fold_awq_` folds its scales again whenever it is read afterwards.
 Math functions are pure; those ending in ``_`` change a model in place; :func:`awq_step_` is
 calibrate's glue (a checkpointed step).
 """
@@ -34,6 +36,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,11 +45,14 @@ import torch
 from torch import nn
 
 from quantcal import qmath
-from quantcal.calibrate.collect import BlockInputs, _module_device_, block_arguments
+from quantcal.calibrate.collect import (
+    BlockInputs, _module_device_, block_arguments, block_on_device,
+)
 from quantcal.errors import QuantcalError
 from quantcal.families import Family, NormStyle
 from quantcal.formats import BlockQuant, Format
-from quantcal.models import blocks_of, family_of, is_quantizable, weight_matrix
+from quantcal.lazymodel import on_each_block_, store_of
+from quantcal.models import block_index, blocks_of, family_of, is_quantizable, weight_matrix
 from quantcal.rundir import load_tensors, save_tensors
 
 N_GRID = 20  # alphas 0, 0.05, ..., 0.95 (AWQ's grid)
@@ -228,6 +235,25 @@ def apply_awq_(model: nn.Module, qparams: dict[str, torch.Tensor]) -> int:
     return len(folded)
 
 
+def fold_awq_(model: nn.Module, scales: Mapping[str, torch.Tensor], now: bool = True
+              ) -> None:
+    """Fold the ``{layer}/awq/scale`` tensors of ``scales`` into ``model`` as
+    :func:`apply_awq_` does, for a model loaded either way: a lazily loaded model's blocks
+    take theirs each time they are read (:func:`quantcal.lazymodel.on_each_block_`: the
+    same fold of the same checkpoint weights, so the same bits every time). ``now=False``:
+    only from the next read on (the blocks' scales were folded while they were held; a
+    model loaded whole is left as it is)."""
+    per_block: dict[int | None, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key in scales:
+        if key.endswith("/" + SCALE_KEY):
+            per_block[block_index(model, key[:-len(SCALE_KEY) - 1])][key] = scales[key]
+    outside = per_block.pop(None, {})
+    if now:
+        apply_awq_(model, outside)  # scales outside the blocks are refused
+    if now or store_of(model) is not None:
+        on_each_block_(model, lambda i: apply_awq_(model, per_block.get(i, {})))
+
+
 def target_format(formats: tuple[Format, ...]) -> BlockQuant:
     """The format the scales are searched for: the coarsest weight-only one among
     ``formats`` (fewest bits, then largest group), where rounding hurts most."""
@@ -322,17 +348,19 @@ def search_awq_(model: nn.Module, windows: torch.Tensor, fmt: BlockQuant, *, bat
     calls = block_arguments(model, windows, batch_size=batch_size, device=device)
     hidden = [c.args[0] for c in calls[0]]  # (B, L, H) each
     out: dict[str, torch.Tensor] = {}
-    for i, block in enumerate(tqdm(blocks, desc="awq", unit="block", disable=not progress)):
-        home = next(block.parameters()).device
-        block.to(device)
-        groups = scale_groups(model, i)
-        seen, hidden = _run_recording(model, block, groups, hidden, calls[i])
-        for group in groups:
-            found = _search_group(model, group, fmt, seen, grid)
-            fold_(model, group, found.scale)
-            out.update({f"{n}/{SCALE_KEY}": found.scale.cpu().clone() for n in group.layers})
-        del seen
-        block.to(home)
+    for i in tqdm(range(len(blocks)), desc="awq", unit="block", disable=not progress):
+        home = next(blocks[i].parameters()).device
+        with block_on_device(model, i, device, home) as block:
+            groups = scale_groups(model, i)
+            seen, hidden = _run_recording(model, block, groups, hidden, calls[i])
+            for group in groups:
+                found = _search_group(model, group, fmt, seen, grid)
+                fold_(model, group, found.scale)
+                out.update({f"{n}/{SCALE_KEY}": found.scale.cpu().clone()
+                            for n in group.layers})
+            del seen
+    if store_of(model) is not None:  # each block's folds went with it: made again on read
+        fold_awq_(model, out, now=False)
     return out
 
 
@@ -344,7 +372,7 @@ def awq_step_(ckpt, model: nn.Module, windows: torch.Tensor, config, device: tor
     path = ckpt.stage.file(STEP_FILE)
     if ckpt.done(STEP_KIND):
         scales, _ = load_tensors(path, STEP_KIND)
-        apply_awq_(model, scales)
+        fold_awq_(model, scales)
         return scales
     t = time.perf_counter()
     fmt = target_format(config.formats)

@@ -7,11 +7,14 @@ Two drivers with the same result:
   activation cache holds each batch's block inputs (hidden states plus the keyword arguments
   the model passes every block: masks, rotary embeddings, positions); each block is moved to
   the device, calibrated on the cached inputs, its outputs become the next block's inputs,
-  and it moves back. Peak device memory is one block plus the cached activations.
+  and it moves back. Peak device memory is one block plus the cached activations. On a
+  model loaded lazily (``load_model(low_memory=True)``) the block is instead read from the
+  memory-mapped checkpoint straight onto the device and dropped after
+  (:func:`block_on_device`), so host RAM too holds one block at a time.
 
 The activation cache's pieces (:func:`capture_block_inputs`, :func:`use_block_`,
-:func:`_module_device_`, :func:`propagate_`) also drive GPTQ's block-by-block pass
-(:mod:`quantcal.calibrate.gptq`).
+:func:`_module_device_`, :func:`block_on_device`, :func:`propagate_`) also drive GPTQ's
+block-by-block pass (:mod:`quantcal.calibrate.gptq`) and AWQ's (:mod:`.awq`).
 
 Both report progress with tqdm (tokens/s) and remove their hooks on any exit. Both stop at
 the first non-finite activation: after each batch (full) or block (sequential) the running
@@ -21,9 +24,10 @@ first layer whose input held it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -31,7 +35,8 @@ from tqdm.auto import tqdm
 
 from quantcal.calibrate.stats import LayerStats, first_nonfinite_input, new_stats, stat_hooks
 from quantcal.errors import QuantcalError
-from quantcal.models import blocks_of, family_of
+from quantcal.lazymodel import store_of
+from quantcal.models import block_weights, blocks_of, family_of, to_device_
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +211,11 @@ def use_block_(cache: list[BlockInputs], i: int) -> None:
 
 
 def _module_device_(model: nn.Module, family, device: torch.device) -> None:
-    """Move everything except the decoder blocks to ``device`` (blocks go to the CPU)."""
+    """Move everything except the decoder blocks to ``device`` (blocks go to the CPU; a
+    lazily loaded model's stay in its checkpoint and are read onto ``device`` from now)."""
+    if store_of(model) is not None:
+        to_device_(model, device)
+        return
     blocks = blocks_of(model, family)
     blocks.to("cpu")
     for name, child in model.named_children():
@@ -226,6 +235,24 @@ def _move_except(module: nn.Module, keep: nn.Module, device: torch.device) -> No
             setattr(module, name, b.to(device))
     else:
         module.to(device)
+
+
+@contextlib.contextmanager
+def block_on_device(model: nn.Module, i: int, device: torch.device,
+                    home: torch.device | str = "cpu") -> Iterator[nn.Module]:
+    """Decoder block ``i`` on ``device`` for the duration: a lazily loaded model's held
+    (read from its checkpoint, onto the device :func:`_module_device_` gave it, and dropped
+    after, changes to its weights with it), else moved there and back to ``home``."""
+    block = blocks_of(model, family_of(model))[i]
+    if store_of(model) is not None:
+        with block_weights(model, i):
+            yield block
+        return
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
 
 
 def propagate_(block: nn.Module, cache: list[BlockInputs],
@@ -254,15 +281,13 @@ def collect_sequential(model: nn.Module, windows: torch.Tensor, modules: dict[st
     dtype = model_dtype(model)
     total = windows.numel() * len(blocks)
     with _progress(total, "calibrate (sequential)", progress) as bar:
-        for i, block in enumerate(blocks):
+        for i in range(len(blocks)):
             prefix = f"{family.blocks}.{i}."
             mine = {n: m for n, m in modules.items() if n.startswith(prefix)}
             use_block_(cache, i)
-            block.to(device)
-            with stat_hooks(mine, stats):
+            with block_on_device(model, i, device) as block, stat_hooks(mine, stats):
                 propagate_(block, cache, lambda hidden: bar.update(hidden.shape[0] *
                                                                    hidden.shape[1]))
-            block.to("cpu")
             check_finite_inputs(stats, mine, f"in block {i}", dtype)
     rest = _head_stats(model, family, cache, modules, stats)
     check_finite_inputs(stats, rest, "after the last block", dtype)

@@ -5,7 +5,8 @@ The ``--hessian`` part of the qparams step (Frantar et al.; IST-DASLab's ``llama
 cache of :mod:`quantcal.calibrate.collect`: everything but the decoder blocks goes to the
 device, the first block's inputs are cached there, and for each block in order:
 
-1. the block moves to the device;
+1. the block moves to the device (a lazily loaded model's is read from its checkpoint
+   onto the device and held, :func:`quantcal.calibrate.collect.block_on_device`);
 2. for each group of its layers fed one input, in execution order (attention inputs q/k/v
    or a fused qkv; the attention output; MLP inputs gate/up, gate_up or fc; the MLP
    output), the block runs over the cached inputs while one hook accumulates the group's
@@ -16,7 +17,8 @@ device, the first block's inputs are cached there, and for each block in order:
    their *propagation format* -- so each later group's Hessian, in this block and in every
    later one, is taken on the outputs of the layers quantized before it;
 3. the block runs once more, and its outputs become the next block's cached inputs;
-4. its original weights come back and it returns to the CPU.
+4. its original weights come back and it returns to the CPU (a lazily loaded model's is
+   dropped, the swapped weights with it: it is read afresh when next used).
 
 The head comes last, on the final norm of the last block's outputs.
 
@@ -45,8 +47,8 @@ from tqdm.auto import tqdm
 from quantcal import qmath
 from quantcal.calibrate import weights
 from quantcal.calibrate.collect import (
-    BlockInputs, _module_device_, capture_block_inputs, model_dtype, nonfinite_hint, propagate_,
-    use_block_,
+    BlockInputs, _module_device_, block_on_device, capture_block_inputs, model_dtype,
+    nonfinite_hint, propagate_, use_block_,
 )
 from quantcal.calibrate.qparams import check_weight, keyed_qparams
 from quantcal.calibrate.stats import gram
@@ -111,11 +113,12 @@ def gptq_qparams(model: nn.Module, windows: torch.Tensor, modules: dict[str, nn.
     out: dict[str, torch.Tensor] = {}
     with tqdm(total=len(blocks), desc="gptq (block by block)", unit="block",
               disable=not progress, dynamic_ncols=True) as bar:
-        for i, block in enumerate(blocks):
+        for i in range(len(blocks)):
             use_block_(cache, i)
             groups = layer_groups(family, i, modules)
-            out.update(_quantize_block(block, groups, cache, job, device,
-                                       f"in GPTQ's pass over block {i}", dtype))
+            with block_on_device(model, i, device) as block:
+                out.update(_quantize_block(block, groups, cache, job,
+                                           f"in GPTQ's pass over block {i}", dtype))
             bar.update()
     out.update(_quantize_head(model, family, modules, cache, job, dtype))
     return out
@@ -141,11 +144,11 @@ def layer_groups(family: Family, i: int, modules: dict[str, nn.Module]
 
 
 def _quantize_block(block: nn.Module, groups: list[dict[str, nn.Module]],
-                    cache: list[BlockInputs], job: _Job, device: torch.device, where: str,
+                    cache: list[BlockInputs], job: _Job, where: str,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Steps 1-4 of the module docstring for one block."""
-    originals = {n: m.weight.data for g in groups for n, m in g.items()}  # on the CPU
-    block.to(device)
+    """Steps 2-3 of the module docstring for one block, on the device (the caller moves or
+    holds it there); its original weights are given back before it returns."""
+    originals = {n: m.weight.data for g in groups for n, m in g.items()}
     out: dict[str, torch.Tensor] = {}
     try:
         for group in groups:
@@ -155,7 +158,6 @@ def _quantize_block(block: nn.Module, groups: list[dict[str, nn.Module]],
         for group in groups:
             for name, module in group.items():
                 module.weight.data = originals[name]
-        block.to("cpu")
     return out
 
 

@@ -11,7 +11,8 @@ stage takes the block formats' qparams from the block-by-block GPTQ of
 :mod:`quantcal.calibrate.gptq` instead, and the rest from here.
 
 Weights are moved to the compute device one layer at a time (``device``), so the model may
-stay on the CPU.
+stay on the CPU; a lazily loaded model's are read through their held block, one block in
+memory at a time (:func:`layer_weights`).
 
 The token embedding gets weight-only qparams for every embeddable block format
 (:func:`compute_embedding_qparams`), groups along its hidden dimension.
@@ -23,7 +24,12 @@ QuantcalError naming the layer and format instead of reaching the file.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Callable
+
 import torch
+from torch import nn
 
 from quantcal.calibrate import weights
 from quantcal.calibrate.observers import get_observer
@@ -31,6 +37,7 @@ from quantcal.calibrate.stats import LayerStats
 from quantcal.errors import QuantcalError
 from quantcal.formats import FP16, W8A8, BlockQuant, Format
 from quantcal.formatspec import spec_of
+from quantcal.models import block_index, held_blocks, weight_matrix
 
 QPARAMS_KIND = "qparams"
 WEIGHT_METHODS = ("aware", "rtn")
@@ -131,14 +138,47 @@ def keyed_qparams(layer: str, fmt: Format, qp: dict[str, torch.Tensor]
             for key, t in qp.items()}
 
 
-def compute_qparams(weights_by_layer: dict[str, torch.Tensor], stats: dict[str, LayerStats],
+class LayerWeights(Mapping):
+    """The ``(N, K)`` weights of ``modules`` (name -> module of ``model``), in their order,
+    each read when looked up: a lazily loaded model's through its block, held until a
+    layer of another block is looked up (:func:`quantcal.models.held_blocks`'s ``hold``),
+    so walking the layers in model order reads each block once and holds one at a time.
+    Not copied for a model loaded whole."""
+
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module],
+                 hold: Callable[..., None]):
+        self._model, self._modules, self._hold = model, modules, hold
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        block = block_index(self._model, name)
+        self._hold(*(() if block is None else (block,)))
+        return weight_matrix(self._modules[name]).detach()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+@contextlib.contextmanager
+def layer_weights(model: nn.Module, modules: Mapping[str, nn.Module]
+                  ) -> Iterator[LayerWeights]:
+    """:class:`LayerWeights` of ``modules``; whatever it holds is released on exit."""
+    with held_blocks(model) as hold:
+        yield LayerWeights(model, modules, hold)
+
+
+def compute_qparams(weights_by_layer: Mapping[str, torch.Tensor],
+                    stats: dict[str, LayerStats],
                     formats: tuple[Format, ...], *, observer: str, method: str = "aware",
                     progress: bool = True, device: torch.device | str | None = None
                     ) -> dict[str, torch.Tensor]:
     """Qparams of every layer for every format, keyed for ``qparams.safetensors``.
 
     Args:
-        weights_by_layer: ``(N, K)`` weight per layer name, wherever it lives.
+        weights_by_layer: ``(N, K)`` weight per layer name, wherever it lives (looked up
+            once each, in its order: a :class:`LayerWeights` reads them one at a time).
         device: where to compute; each weight is moved there in turn, one layer at a time
             (None: where it lives).
     """

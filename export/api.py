@@ -26,23 +26,21 @@ import importlib.util
 import logging
 import math
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import onnx
 import torch
 
-from quantcal.calibrate.awq import SCALE_KEY, apply_awq_
+from quantcal.calibrate.awq import fold_awq_
 from quantcal.errors import QuantcalError, StageInterrupted
 from quantcal.export.builder import ExternalData, save_model
 from quantcal.export.emit import graph_op_counts
 from quantcal.export.genai import write_genai_files
 from quantcal.export.graphs import build_decoder
 from quantcal.export.parity import check_parity, failure_detail
-from quantcal.lazymodel import TensorFile, on_each_block_
-from quantcal.models import block_index, load_model
+from quantcal.lazymodel import TensorFile
+from quantcal.models import load_model
 from quantcal.plancheck import resolved_formats
 from quantcal.provenance import (
     ExportRecord, check_digest, check_model_unchanged, onnx_digests, record_path, sha256_file,
@@ -131,7 +129,7 @@ def _build_and_verify(stage: Stage, final: Path, run: RunDir, record, plan, made
     qparams = TensorFile(run.file(QPARAMS))
     formats = resolved_formats(plan, record, meta.get("formats", "").split(","))
     model, tokenizer = _load(record)
-    _fold_awq_(model, qparams)  # a --awq run's scales, folded in as calibrate folded them
+    fold_awq_(model, qparams)  # a --awq run's scales, folded in as calibrate folded them
     dtype = DTYPES[provider]
     staged = stage.file(final.name)
     with ExternalData(staged) as data:  # weights written as the graph is built
@@ -169,18 +167,6 @@ def _load(record):
     return load_model(record.config.model, revision=record.config.revision,
                       trust_remote_code=record.config.trust_remote_code, dtype=torch.float32,
                       device="cpu", low_memory=low_memory)
-
-
-def _fold_awq_(model, qparams: Mapping) -> None:
-    """Fold a --awq run's scales into the model as calibrate folded them
-    (:func:`quantcal.calibrate.awq.apply_awq_`), each block's whenever it is read."""
-    per_block: dict = defaultdict(dict)
-    for key in qparams:
-        if key.endswith("/" + SCALE_KEY):
-            layer = key[:-len(SCALE_KEY) - 1]
-            per_block[block_index(model, layer)][key] = qparams[key]
-    apply_awq_(model, per_block.pop(None, {}))  # scales outside the blocks are refused
-    on_each_block_(model, lambda i: apply_awq_(model, per_block.get(i, {})))
 
 
 def _failure(out: ExportRecord, path: Path, failed: Path, plan) -> str:

@@ -252,6 +252,22 @@ def to_device_(model: nn.Module, device: torch.device | str) -> nn.Module:
     return model
 
 
+def materialize_(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """The whole model on ``device``: :func:`to_device_`, then every block of a lazily
+    loaded one read (its ``on_load`` changes made) and held for the model's lifetime, so
+    code that needs whole-model forwards (sensitivity) sees a model loaded whole. Returns
+    ``model``."""
+    store = store_of(model)
+    if store is not None and getattr(store, "materialized", False):
+        return model  # every block is held where it was read
+    to_device_(model, device)
+    if store is not None:
+        for i in range(len(store.blocks)):
+            store.acquire(i)
+        store.materialized = True
+    return model
+
+
 def checkpoint_keys(source: str, revision: str | None, hub: dict) -> dict[str, str]:
     """``{checkpoint key: safetensors file}`` of a model folder or hub id (the files are
     fetched, or found in the cache, as ``from_pretrained`` would)."""

@@ -29,10 +29,6 @@ the exact reference, the graph's initializers held twice while saving.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,34 +36,16 @@ from click.testing import CliRunner
 
 from quantcal.cli import cli
 
-HIDDEN, MLP, HEADS, KV_HEADS, VOCAB = 512, 1536, 8, 4, 512
-MB = 1 << 20
+from memprobe import MB, STATUS, block_bytes, deep_llama_dir, probe
 
-_STATUS = r'''
-import json, sys
-from pathlib import Path
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-
-def measured(fn):
-    import gc
-    gc.collect()
-    base = status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    fn()
-    print(json.dumps({"base": base, "peak": status("VmHWM")}))
-'''
-
-_EXPORT = _STATUS + r'''
+_EXPORT = STATUS + r'''
 from quantcal.export.api import export_onnx
 from quantcal.rundir import RunDir
 
 measured(lambda: export_onnx(RunDir(Path(sys.argv[1])), provider="cpu"))
 '''
 
-_SESSION = _STATUS + r'''
+_SESSION = STATUS + r'''
 import numpy as np
 import onnxruntime as ort
 
@@ -85,35 +63,6 @@ measured(prefill)
 '''
 
 
-def block_bytes() -> int:
-    """fp32 bytes of one decoder block's weights."""
-    head_dim = HIDDEN // HEADS
-    attention = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_HEADS * head_dim
-    return 4 * (attention + 3 * HIDDEN * MLP + 2 * HIDDEN)
-
-
-def _probe(script: str, arg: Path) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
-    out = subprocess.run([sys.executable, "-c", script, str(arg)], capture_output=True,
-                         text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _model_dir(root: Path, layers: int, tokenizer) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP,
-                         num_hidden_layers=layers, num_attention_heads=HEADS,
-                         num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    folder = root / f"llama-{layers}"
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tiny_tokenizer, c4_file) -> dict[int, dict]:
     """Per depth: the export's and its session's measured baseline and peak (bytes)."""
@@ -122,15 +71,15 @@ def exports(tmp_path_factory, tiny_tokenizer, c4_file) -> dict[int, dict]:
     for layers in (2, 8):
         run = root / f"run-{layers}"
         res = CliRunner().invoke(cli, [
-            "calibrate", "--model", str(_model_dir(root, layers, tiny_tokenizer)),
+            "calibrate", "--model", str(deep_llama_dir(root, layers, tiny_tokenizer)),
             "--data", c4_file, "--samples", "4", "--seq-len", "32", "--batch-size", "2",
             "--sensitivity", "fast", "--sensitivity-samples", "2", "--formats", "int4-g32",
             "--force", "model.layers.*=int4-g32", "--device", "cpu", "--run", str(run)])
         assert res.exit_code == 0, res.output
-        export = _probe(_EXPORT, run)
+        export = probe(_EXPORT, run)
         record = json.loads((run / "export.json").read_text())
         assert record["passed"]
-        out[layers] = {"export": export, "session": _probe(_SESSION, run / "model.onnx"),
+        out[layers] = {"export": export, "session": probe(_SESSION, run / "model.onnx"),
                        "recorded": record["timings"]["peak_host_bytes"]}
     return out
 

@@ -14,11 +14,7 @@ heap (tests/export/test_export_memory.py says more).
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -30,27 +26,18 @@ from quantcal.models import (
 )
 from tinymodels import ALL_FAMILIES, build_tiny_model
 
-HIDDEN, MLP, HEADS, KV_HEADS = 512, 1536, 8, 4
-MB = 1 << 20
+from memprobe import MB, STATUS, block_bytes, deep_llama_dir, probe
 
-_PROBE = r'''
-import gc, json, sys
-from pathlib import Path
-
+_PROBE = STATUS + r'''
 import torch
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-
 from quantcal.models import load_model
-gc.collect()
-base = status("VmRSS")
-Path("/proc/self/clear_refs").write_text("5")
-model, _ = load_model(sys.argv[1], low_memory=True)
-with torch.inference_mode():
-    model(torch.arange(32)[None] % 512, use_cache=False)
-print(json.dumps({"base": base, "peak": status("VmHWM")}))
+
+def load_and_run():
+    model, _ = load_model(sys.argv[1], low_memory=True)
+    with torch.inference_mode():
+        model(torch.arange(32)[None] % 512, use_cache=False)
+
+measured(load_and_run)
 '''
 
 
@@ -137,28 +124,12 @@ def test_cached_hub_id_loads_lazily(tmp_path, tiny_llama_dir, monkeypatch):
     assert tokenizer.eos_token
 
 
-def _probe(folder) -> int:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(folder)], capture_output=True,
-                         text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
-    return figures["peak"] - figures["base"]
-
-
 def test_load_and_forward_peak_does_not_grow_with_depth(tmp_path, tiny_tokenizer):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     grew = {}
     for layers in (2, 8):
-        config = LlamaConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=MLP,
-                             num_hidden_layers=layers, num_attention_heads=HEADS,
-                             num_key_value_heads=KV_HEADS, tie_word_embeddings=False)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-        grew[layers] = _probe(_save(model, tmp_path / f"m{layers}", tiny_tokenizer))
-    block = 4 * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_HEADS * (HIDDEN // HEADS)
-                 + 3 * HIDDEN * MLP)
+        figures = probe(_PROBE, deep_llama_dir(tmp_path, layers, tiny_tokenizer), timeout=600)
+        grew[layers] = figures["peak"] - figures["base"]
+    block = block_bytes()
     print(f"\nload + forward growth above baseline (MB): "
           f"{ {n: round(g / MB, 1) for n, g in grew.items()} }; one block {block / MB:.1f}")
     assert grew[8] - grew[2] <= block
