@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantcal.calibrate.planner import Rules
-from quantcal.calibrate.plans import make_plan, plan_kl
+from quantcal.calibrate.plans import make_plan, plans_kl
 from quantcal.calibrate.plot import plot_sensitivity
 from quantcal.calibrate.qparams import QPARAMS_KIND
 from quantcal.calibrate.sensitivity import (
@@ -90,11 +90,11 @@ def measured(plan: Plan, model: nn.Module, qparams: Mapping[str, torch.Tensor],
     ``held_out``: the measuring windows of :func:`split_held_out`, none of which scored.
     ``rival_plans`` (:func:`quantcal.calibrate.uniform.rivals`): measured alike, the plan
     gives way to one whose KL is lower (:func:`quantcal.calibrate.uniform.settle`)."""
-    def kl_of(p: Plan) -> float:
-        return plan_kl(model, p, qparams, held_out, batch_size=batch_size, device=device)
-
-    plan = replace(plan, kl_measured=kl_of(plan), measure_windows=held_out.shape[0])
-    return plan if rival_plans is None else settle(plan, dict(rival_plans), kl_of)
+    rival_plans = rival_plans or {}
+    kl, *rival_kls = plans_kl(model, [plan, *rival_plans.values()], qparams, held_out,
+                              batch_size=batch_size, device=device)
+    plan = replace(plan, kl_measured=kl, measure_windows=held_out.shape[0])
+    return settle(plan, rival_plans, dict(zip(rival_plans, rival_kls)))
 
 
 def write_sensitivity(folder: Path, sens: SensitivityRecord) -> None:

@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from dataclasses import replace
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -353,16 +353,23 @@ def check_budget(record: RunRecord, budget: Budget | None, rules: Rules) -> None
     make_plan(record, sens, budget, rules)
 
 
-@torch.inference_mode()
 def plan_kl(model: nn.Module, plan: Plan, qparams: Mapping[str, torch.Tensor],
             held_out: torch.Tensor, *, batch_size: int, device: torch.device) -> float:
     """Mean KL (nats/token) of the model with the whole plan applied, on ``held_out``."""
-    formats = {n: p.format for n, p in plan.layers.items()}
-    total = 0.0
+    return plans_kl(model, [plan], qparams, held_out, batch_size=batch_size, device=device)[0]
+
+
+@torch.inference_mode()
+def plans_kl(model: nn.Module, plans: Sequence[Plan], qparams: Mapping[str, torch.Tensor],
+             held_out: torch.Tensor, *, batch_size: int, device: torch.device) -> list[float]:
+    """:func:`plan_kl` of each of ``plans``, the FP reference run once per batch for all."""
+    formats = [{n: p.format for n, p in plan.layers.items()} for plan in plans]
+    totals = [0.0] * len(plans)
     for batch in held_out.split(batch_size):
         batch = batch.to(device)
         ref = torch.log_softmax(model(batch, use_cache=False).logits.float(), dim=-1)
-        with swapped(model, fake_quant_modules(model, formats, qparams)):
-            logq = torch.log_softmax(model(batch, use_cache=False).logits.float(), dim=-1)
-        total += float((ref.exp() * (ref - logq)).sum(-1).mean()) * batch.shape[0]
-    return total / held_out.shape[0]
+        for i, fmts in enumerate(formats):
+            with swapped(model, fake_quant_modules(model, fmts, qparams)):
+                logq = torch.log_softmax(model(batch, use_cache=False).logits.float(), dim=-1)
+            totals[i] += float((ref.exp() * (ref - logq)).sum(-1).mean()) * batch.shape[0]
+    return [t / held_out.shape[0] for t in totals]

@@ -3,8 +3,9 @@
 For every candidate format of the run but fp16, the *uniform* rival puts every layer the
 rules leave free in that format (layers a rule pins keep their pinned format, the embedding
 stays as the rules say); it competes only when it is no larger than the mixed plan (its
-predicted fp16 export size). :func:`rivals` builds them; :func:`settle` measures each on the
-same held-out windows as the mixed plan (every layer quantized at once) and keeps the mixed
+predicted fp16 export size). :func:`rivals` builds them; each is measured on the same
+held-out windows as the mixed plan (every layer quantized at once, the FP reference run
+once for all: :func:`quantcal.calibrate.plans.plans_kl`), and :func:`settle` keeps the mixed
 plan unless a rival's measured KL is lower, in which case that rival becomes the plan. So,
 on the measuring windows, the plan written is never worse than any uniform plan of its
 candidates at equal or smaller size, and ``plan.json`` says by how much it is better
@@ -12,13 +13,13 @@ candidates at equal or smaller size, and ``plan.json`` says by how much it is be
 
 Selection on the windows that also report the KL reads the winner's KL slightly low (the
 minimum of a few measurements); the rivals' own figures stay in ``plan.json`` beside it.
-Reads the run record, sensitivities and rules; pure apart from the model forwards.
+Reads the run record, sensitivities and rules; pure (the forwards are plans_kl's).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Mapping
 
 from quantcal.calibrate.planner import Rules, apply_rules
 from quantcal.calibrate.plans import candidates, describe, embedding_candidates
@@ -64,12 +65,13 @@ def rivals(record: RunRecord, sens: SensitivityRecord, plan: Plan, rules: Rules 
     return out
 
 
-def settle(plan: Plan, rival_plans: dict[str, Plan], kl_of: Callable[[Plan], float]) -> Plan:
-    """The mixed ``plan`` (its ``kl_measured`` set) against its uniform rivals, each
-    measured by ``kl_of``: the better of them, with every rival's figures recorded."""
-    figures = {}
+def settle(plan: Plan, rival_plans: dict[str, Plan], kls: Mapping[str, float]) -> Plan:
+    """The mixed ``plan`` (its ``kl_measured`` set) against its uniform rivals, whose
+    measured KLs are ``kls`` (by rival name): the better of them, with every rival's figures
+    recorded."""
+    figures, rival_plans = {}, dict(rival_plans)
     for name, rival in rival_plans.items():
-        rival_plans[name] = rival = replace(rival, kl_measured=kl_of(rival),
+        rival_plans[name] = rival = replace(rival, kl_measured=kls[name],
                                             measure_windows=plan.measure_windows)
         figures[name] = {"bits_per_weight": rival.totals["bits_per_weight"],
                          "size_bytes": float(rival.predicted_size_bytes),

@@ -38,8 +38,8 @@ from quantcal.formatspec import specs
 from quantcal.models import family_of, weight_matrix
 from quantcal.packing import MatMulNBitsWeight
 
-# formats whose emitted weights concatenate row-wise exactly, as each declares (Format.fusable)
-FUSABLE = tuple(t for t in specs() if t.fusable)
+# load the format registry now: a format missing a piece stops the export at import
+specs()
 QKV, GATE_UP = "qkv_proj", "gate_up_proj"
 ALL_KINDS = (QKV, GATE_UP)
 # What ``fuse=True`` fuses. q/k/v only: GroupQueryAttention takes the packed q/k/v as it is,
@@ -77,7 +77,8 @@ def fuse_kinds(fuse: bool | Sequence[str]) -> tuple[str, ...]:
 
 def _fusable(model: nn.Module, formats: Mapping[str, Format], members: Sequence[str]) -> bool:
     fmts = {formats.get(n) for n in members}
-    if len(fmts) != 1 or next(iter(fmts)) is None or not next(iter(fmts)).fusable:
+    fmt = next(iter(fmts))
+    if len(fmts) != 1 or fmt is None or not fmt.fusable:
         return False
     return len({model.get_submodule(n).bias is None for n in members}) == 1
 

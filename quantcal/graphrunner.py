@@ -180,11 +180,11 @@ class GraphRunner(DecoderRunner):
         if slot.greedy is None:
             slot.greedy = self._crosswise(slot, batch)
         cross = slot.greedy
-        mask = np.ones((batch, self._mask.shape[1] + 1), dtype=np.int64)
+        past = self._mask.shape[1]  # the first step's token sits at this position
         padded = np.zeros((batch, self._capacity), dtype=np.int64)
-        padded[:, :mask.shape[1]] = 1
+        padded[:, :past + 1] = 1
         cross.ids[0].update_inplace(np.ascontiguousarray(next_ids))
-        cross.positions[0].update_inplace(last_positions(mask, 1).copy())
+        cross.positions[0].update_inplace(np.full((batch, 1), past, dtype=np.int64))
         cross.mask[0].update_inplace(padded)
         for i in range(count - 1):
             if self._mask.shape[1] >= self._capacity:

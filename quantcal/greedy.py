@@ -33,13 +33,12 @@ NEXT_POSITIONS = "greedy.next_positions"
 NEXT_MASK = "greedy.next_mask"
 COLUMNS = "greedy.columns"
 OUTPUTS = (NEXT_IDS, NEXT_POSITIONS, NEXT_MASK)
-EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 def greedy_model(path: str | Path) -> bytes:
     """The exported decoder at ``path`` with the greedy-step nodes and outputs added,
-    serialized without its weights (load it with :data:`EXTERNAL_FOLDER` set to the
-    export's folder)."""
+    serialized without its weights (:func:`quantcal.session.cuda_session` loads it with its
+    weights read from the export's folder)."""
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     names = {o.name for o in graph.output} | {i.name for i in graph.input}

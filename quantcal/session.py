@@ -24,7 +24,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from quantcal.errors import QuantcalError
-from quantcal.greedy import EXTERNAL_FOLDER
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
@@ -32,6 +31,8 @@ PROVIDERS = ("auto", "cuda", "cpu")
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 _STRICT_REFUSAL = "fallback to CPU EP has been explicitly disabled"
+# where a model given as bytes finds its external data (onnxruntime session config key)
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 _REFUSED = "the CUDA provider failed to load or cannot run every node of the graph"
 _ORT_WARNING = 2  # onnxruntime's default log severity (warnings and worse)
 log = logging.getLogger(__name__)

@@ -74,16 +74,13 @@ def test_settle_keeps_the_better_plan_and_records_every_rival():
                                 Budget("target_bits", 16)) for f in FORMATS}
     measured = {f.name: kl for f, kl in zip(FORMATS, (0.2, 0.5, 0.3))}
 
-    def kl_of(p):
-        return measured[next(iter(p.layers.values())).format.name]
-
-    won = settle(plan.__class__(**{**plan.__dict__, "kl_measured": 0.1}), dict(uniform), kl_of)
+    won = settle(plan.__class__(**{**plan.__dict__, "kl_measured": 0.1}), uniform, measured)
     assert won.choice == MIXED and won.kl_measured == 0.1
     assert {n: f["kl_measured"] for n, f in won.uniform.items()} == measured
     assert "best uniform plan no larger: int8" in comparison(won)
     assert "KL is 2.00x lower" in comparison(won)
-    lost = settle(plan.__class__(**{**plan.__dict__, "kl_measured": 0.25}), dict(uniform),
-                  kl_of)
+    lost = settle(plan.__class__(**{**plan.__dict__, "kl_measured": 0.25}), uniform, measured)
+    assert uniform["int8"].kl_measured is None  # the rivals given are left as they were
     assert lost.choice == "uniform int8" and lost.kl_measured == 0.2
     assert lost.uniform[MIXED]["kl_measured"] == 0.25
     assert "chose the uniform int8 plan" in comparison(lost)
